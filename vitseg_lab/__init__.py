@@ -1,0 +1,59 @@
+"""vitseg_lab: the library behind the vitseg-lab course (transformer-based image segmentation).
+
+Import is light: only the exercise machinery and the scale/device helpers load here; chapter
+modules (``attention``, ``segvit``...) are imported by name.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .exercises import ExerciseNotDone, ShapeError, expect_shape, plug, unplug
+
+__version__ = "0.1.0"
+__all__ = ["plug", "unplug", "expect_shape", "ExerciseNotDone", "ShapeError", "SCALE", "scale",
+           "grading", "device", "setup_notebook", "__version__"]
+
+_SCALES = ("quick", "full")
+
+
+def grading() -> bool:
+    """True while nbgrader validates or autogrades this kernel (``NBGRADER_EXECUTION`` is set)."""
+    return bool(os.environ.get("NBGRADER_EXECUTION"))
+
+
+def scale() -> str:
+    """The run scale: ``"smoke"`` under nbgrader, else ``VITSEG_SCALE`` (``quick`` or ``full``)."""
+    if grading():
+        return "smoke"
+    s = os.environ.get("VITSEG_SCALE", "quick").strip().lower()
+    if s not in _SCALES:
+        raise ValueError(
+            f"VITSEG_SCALE={s!r} is not a scale; use one of {', '.join(_SCALES)} "
+            "(e.g. `export VITSEG_SCALE=quick`)."
+        )
+    return s
+
+
+SCALE = scale()
+
+
+def device():
+    """The best available torch device: CUDA, then Apple MPS, then CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_notebook(seed: int = 0) -> None:
+    """First cell of every chapter: seed, inline figures, one-line messages for unfinished exercises."""
+    import torch
+
+    from .exercises import install_notebook_hooks
+
+    torch.manual_seed(seed)
+    install_notebook_hooks()

@@ -1,0 +1,182 @@
+"""The learner-facing machinery: plug a notebook function into the library, name unfinished
+exercises, and check tensor shapes with messages a learner can act on.
+
+An exercise function lives in a chapter module (``vitseg_lab.attention``, ``vitseg_lab.segvit``...)
+and its first docstring line carries its tag: ``"Exercise 1.2 · ..."``. The chapter module has a
+``NOTEBOOK`` constant naming its notebook. ``plug`` replaces the module global; library code calls
+exercise functions through that global at call time, so the learner's version runs everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import sys
+import types
+from typing import Any, Callable
+
+__all__ = ["ExerciseNotDone", "ShapeError", "plug", "unplug", "expect_shape", "exercise_tag"]
+
+_TAG = re.compile(r"Exercise\s+(\d+\.\d+)")
+
+
+class ExerciseNotDone(NotImplementedError):
+    """Raised by an exercise that has not been written yet.
+
+    Carries the exercise number and notebook so the message says where to go, not where it failed.
+    """
+
+    def __init__(self, exercise: str, notebook: str, what: str = ""):
+        self.exercise = exercise.replace("Exercise", "").strip()
+        self.notebook = notebook
+        msg = f"Exercise {self.exercise} ({notebook}) is not done yet"
+        msg += f": {what}" if what else ": write its solution cell and run it."
+        super().__init__(msg)
+
+
+class ShapeError(ValueError):
+    """A tensor does not have the shape an exercise's contract asks for."""
+
+
+def exercise_tag(fn: Callable) -> str | None:
+    """The ``"1.2"`` of a function whose docstring starts with ``Exercise 1.2 · ...``."""
+    doc = inspect.getdoc(fn) or ""
+    m = _TAG.match(doc.strip())
+    return m.group(1) if m else None
+
+
+def _signature_names(fn: Callable) -> list[tuple[str, Any]]:
+    return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
+# Originals per (module name, function name), so ``unplug`` can restore them and repeated plugs
+# in one kernel compare against the library's signature, not the previous learner version.
+_ORIGINALS: dict[tuple[str, str], Callable] = {}
+
+
+def plug(module: types.ModuleType, *, quiet: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: put a learner's function into ``module`` under the same name.
+
+    Checks that the name is an exercise of that module and that the parameters match (names and
+    order), then replaces the module global. A ``NotImplementedError`` escaping the learner's
+    function becomes an ``ExerciseNotDone`` naming the exercise and notebook.
+
+    Example::
+
+        @plug(attention)
+        def softmax(logits, dim=-1): ...
+    """
+    if not isinstance(module, types.ModuleType):
+        raise TypeError(
+            f"plug() takes a module, e.g. @plug(attention), not {type(module).__name__}: "
+            "write `from vitseg_lab import attention` and then `@plug(attention)`."
+        )
+
+    def decorate(fn: Callable) -> Callable:
+        name = fn.__name__
+        key = (module.__name__, name)
+        current = getattr(module, name, None)
+        if key not in _ORIGINALS:
+            if current is None or not callable(current):
+                known = sorted(
+                    n for n, v in vars(module).items()
+                    if callable(v) and not n.startswith("_") and exercise_tag(v)
+                )
+                raise NameError(
+                    f"{module.__name__} has no exercise called {name!r}; "
+                    f"rename your function to one of: {', '.join(known) or '(none)'}."
+                )
+            _ORIGINALS[key] = current
+        original = _ORIGINALS[key]
+        want, got = _signature_names(original), _signature_names(fn)
+        if [n for n, _ in want] != [n for n, _ in got]:
+            raise TypeError(
+                f"{name} must take the parameters ({', '.join(n for n, _ in want)}) "
+                f"but yours takes ({', '.join(n for n, _ in got)}); keep the signature given "
+                "in the exercise."
+            )
+        tag = exercise_tag(original) or "?"
+        notebook = getattr(module, "NOTEBOOK", "its chapter notebook")
+
+        @functools.wraps(fn)
+        def plugged(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ExerciseNotDone:
+                raise
+            except NotImplementedError:
+                raise ExerciseNotDone(tag, notebook) from None
+
+        plugged.__vitseg_plugged__ = True  # type: ignore[attr-defined]
+        plugged.__vitseg_learner_fn__ = fn  # type: ignore[attr-defined]
+        setattr(module, name, plugged)
+        if not quiet:
+            print(f"plugged: {module.__name__}.{name} now runs your code (Exercise {tag})")
+        return plugged
+
+    return decorate
+
+
+def unplug(module: types.ModuleType, name: str | None = None) -> None:
+    """Restore the library's own version of one exercise (or of all exercises of ``module``)."""
+    for (mod, fn_name), original in list(_ORIGINALS.items()):
+        if mod == module.__name__ and (name is None or name == fn_name):
+            setattr(module, fn_name, original)
+            del _ORIGINALS[(mod, fn_name)]
+
+
+def expect_shape(t: Any, spec: str, *, name: str = "tensor", **sizes: int) -> Any:
+    """Check that ``t.shape`` matches ``spec`` and return ``t``.
+
+    ``spec`` names the axes, e.g. ``"B K L"``; sizes given as keywords must match, and a letter
+    used twice must have the same size both times. ``_`` matches any size.
+
+        expect_shape(masks, "B K L", B=2, K=3, L=5)
+
+    Raises ``ShapeError`` saying, per axis, what was expected and what came back.
+    """
+    if not hasattr(t, "shape"):
+        raise ShapeError(
+            f"{name} should be a tensor of shape ({spec.replace(' ', ', ')}), "
+            f"but it is a {type(t).__name__}; return a torch.Tensor."
+        )
+    axes = spec.split()
+    shape = tuple(t.shape)
+    expected = ", ".join(f"{a}={sizes[a]}" if a in sizes else a for a in axes)
+    if len(shape) != len(axes):
+        raise ShapeError(
+            f"{name} should have {len(axes)} axes ({expected}) but has {len(shape)}: "
+            f"shape {shape}."
+        )
+    seen: dict[str, int] = {}
+    problems = []
+    for a, n in zip(axes, shape):
+        if a == "_":
+            continue
+        want = sizes.get(a, seen.get(a))
+        if want is not None and want != n:
+            problems.append(f"axis {a}: expected {want}, got {n}")
+        seen.setdefault(a, n)
+    if problems:
+        raise ShapeError(
+            f"{name} should have shape ({expected}) but has {shape}: " + "; ".join(problems) + "."
+        )
+    return t
+
+
+def _short_exercise_traceback(shell, etype, value, tb, tb_offset=None):
+    """IPython handler: show an unfinished exercise as one line, not a traceback into the library."""
+    print(f"{etype.__name__}: {value}", file=sys.stderr)
+    return [f"{etype.__name__}: {value}"]
+
+
+def install_notebook_hooks() -> None:
+    """In IPython, print ``ExerciseNotDone`` and ``ShapeError`` as one line (the cell still fails)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # plain Python: nothing to install
+        return
+    ip = get_ipython()
+    if ip is not None:
+        ip.set_custom_exc((ExerciseNotDone, ShapeError), _short_exercise_traceback)
