@@ -9,3 +9,80 @@ from __future__ import annotations
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
+import torch
+
+from . import viz
+
+
+def _render(out: W.Output, draw) -> None:
+    """Redraw a matplotlib figure inside an Output widget."""
+    with out:
+        out.clear_output(wait=True)
+        fig = draw()
+        plt.show()
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- chapter 01
+
+def attention_explorer(model, dataset, index: int = 0) -> W.VBox:
+    """Chapter 01: where does one patch (or the CLS token) attend, per layer and head?
+
+    Args:
+        model: an ``attention.ExplicitViT``; its forward runs the learner's plugged functions.
+        dataset: items with "image" (3, H, W).
+    Returns:
+        a VBox; ``.state`` holds the current choice and the map drawn, ``(h, w)``.
+    """
+    model.eval()
+    depth = len(model.vit.blocks)
+    heads = model.num_heads
+    img0 = dataset[index]["image"]
+    h, w = (s // model.patch_size for s in img0.shape[-2:])
+
+    scene = W.IntSlider(value=index, min=0, max=len(dataset) - 1, description="scene")
+    layer = W.Dropdown(options=list(range(depth)), value=depth - 1, description="layer")
+    head = W.Dropdown(options=["mean"] + list(range(heads)), value="mean", description="head")
+    query = W.ToggleButtons(options=["patch", "CLS"], value="patch", description="query")
+    row = W.IntSlider(value=h // 2, min=0, max=h - 1, description="patch row")
+    col = W.IntSlider(value=w // 2, min=0, max=w - 1, description="patch col")
+    out = W.Output()
+    box = W.VBox([W.HBox([scene, layer, head]), W.HBox([query, row, col]), out])
+    box.state = {}
+    cache: dict[int, list[torch.Tensor]] = {}
+
+    def attn_maps(i: int) -> list[torch.Tensor]:
+        if i not in cache:  # one forward per scene; recomputed by the learner's code
+            with torch.no_grad():
+                dev = next(model.parameters()).device
+                cache.clear()
+                cache[i] = [a[0].cpu() for a in model(dataset[i]["image"][None].to(dev)).attn]
+        return cache[i]
+
+    def draw():
+        image = dataset[scene.value]["image"]
+        a = attn_maps(scene.value)[layer.value]                      # (nh, 1 + L, 1 + L)
+        a = a.mean(0) if head.value == "mean" else a[head.value]
+        q = 0 if query.value == "CLS" else 1 + row.value * w + col.value
+        m = a[q, 1:].reshape(h, w)
+        box.state.update(scene=scene.value, layer=layer.value, head=head.value,
+                         query=query.value, patch=(row.value, col.value), map=m.clone())
+        fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.2))
+        viz.show_image(image, axes[0], title="query")
+        if query.value == "patch":
+            p = model.patch_size
+            axes[0].add_patch(plt.Rectangle((col.value * p - 0.5, row.value * p - 0.5), p, p,
+                                            fill=False, edgecolor="yellow", linewidth=2))
+        hd = "heads averaged" if head.value == "mean" else f"head {head.value}"
+        viz.show_heatmap(image, m, axes[1], title=f"layer {layer.value}, {hd}")
+        fig.tight_layout()
+        return fig
+
+    def update(_=None):
+        row.disabled = col.disabled = query.value == "CLS"
+        _render(out, draw)
+
+    for c in (scene, layer, head, query, row, col):
+        c.observe(update, names="value")
+    update()
+    return box

@@ -1,0 +1,39 @@
+# Thin wrappers, no logic: the two commands a learner needs are `make lab` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+NBVAL  := --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
+
+.PHONY: lab test unit notebooks venv student grade-demo e2e bench notebooks-build clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+venv: $(STAMP)
+
+lab: venv                       ## open the course in JupyterLab
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: venv                      ## everything CI runs
+	$(PY) -m tools.nbbuild --check
+	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest $(NBVAL) notebooks/*.ipynb
+
+unit: venv
+	$(PY) -m pytest tests/unit -q
+
+notebooks: venv                 ## execute every notebook in quick scale (nbval)
+	$(PY) -m pytest $(NBVAL) notebooks/*.ipynb
+
+notebooks-build: venv           ## regenerate notebooks/*.ipynb from notebooks/src + the library
+	$(PY) -m tools.nbbuild
+
+bench: venv
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf dist .pytest_cache

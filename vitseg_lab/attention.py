@@ -1,0 +1,383 @@
+"""Chapter 01 — ViT patch tokens and attention (Dosovitskiy et al., ICLR 2021).
+
+How a Vision Transformer turns an image into tokens and how attention relates them. The exercise
+functions below are the whole ViT forward pass written out; ``ExplicitViT`` runs a timm
+``VisionTransformer``'s own weights through them, so a learner's functions drive a real timm model
+(and a test proves the reference path reproduces timm's output to float precision).
+
+Shapes: B batch · H, W pixels · p patch size · h, w = H/p, W/p patch grid · L = h*w patch tokens ·
+P prefix (CLS) tokens · C channels · nh heads · d = C/nh head width · K classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .exercises import expect_shape
+from .train import TrainConfig
+
+NOTEBOOK = "notebooks/01_vit_attention.ipynb"
+
+
+# ----------------------------------------------------------------------------------------------
+# Exercises
+# ----------------------------------------------------------------------------------------------
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Exercise 1.1 · cut images into non-overlapping patches and flatten each one.
+
+    Patches are taken row by row (left to right, top to bottom); each patch is flattened in
+    (channel, row, column) order — the order of timm's patch-embedding conv weight, so that
+    ``patchify(x, p) @ W.reshape(C, -1).T`` equals that conv.
+
+    Args:
+        images: (B, 3, H, W), H and W divisible by ``patch_size``.
+    Returns:
+        (B, L, 3 * p * p) with L = (H / p) * (W / p).
+    """
+    ### BEGIN SOLUTION
+    B, c, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, c, H // p, p, W // p, p)           # (B, c, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                          # (B, h, w, c, p, p)
+    return x.reshape(B, (H // p) * (W // p), c * p * p)
+    ### END SOLUTION
+
+
+def embed_tokens(
+    patches: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+) -> torch.Tensor:
+    """Exercise 1.2 · linear patch embedding, a CLS token in front, position embeddings added.
+
+    z0 = [x_cls; x_1 E; ...; x_L E] + E_pos   (ViT eq. 1, with E = weightᵀ and a bias).
+
+    Args:
+        patches: (B, L, D) flattened patches.
+        weight: (C, D) projection; bias: (C,).
+        cls_token: (1, 1, C) learned CLS embedding.
+        pos_embed: (1, 1 + L, C) position embeddings (CLS position first).
+    Returns:
+        (B, 1 + L, C) tokens.
+    """
+    ### BEGIN SOLUTION
+    x = patches @ weight.T + bias                            # (B, L, C)
+    cls = cls_token.expand(x.shape[0], -1, -1)               # (B, 1, C)
+    return torch.cat([cls, x], dim=1) + pos_embed
+    ### END SOLUTION
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Exercise 1.3 · resample grid position embeddings to a new patch grid (CLS entry kept).
+
+    The L = h*w grid entries are reshaped to an (h, w) image with C channels and resized with
+    bicubic interpolation (``align_corners=False``, ``antialias=True``, as timm does), so a ViT
+    trained at one resolution runs at another.
+
+    Args:
+        pos_embed: (1, 1 + h*w, C), first entry for the CLS token.
+        old_grid: (h, w); new_grid: (h2, w2).
+    Returns:
+        (1, 1 + h2*w2, C).
+    """
+    ### BEGIN SOLUTION
+    (h, w), (h2, w2) = old_grid, new_grid
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    C = grid.shape[-1]
+    grid = grid.reshape(1, h, w, C).permute(0, 3, 1, 2)      # (1, C, h, w)
+    grid = F.interpolate(grid.float(), size=(h2, w2), mode="bicubic", align_corners=False,
+                         antialias=True).to(pos_embed.dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, h2 * w2, C)
+    return torch.cat([cls, grid], dim=1)
+    ### END SOLUTION
+
+
+def softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Exercise 1.4 · softmax written out: exp(x - max) / sum exp(x - max) along ``dim``.
+
+    Subtracting the maximum keeps exp() from overflowing on large logits; the result is the same.
+    Do not call torch.softmax here. Rows that are all -inf (a fully masked row) return zeros.
+
+    Args:
+        logits: any shape.
+    Returns:
+        same shape, non-negative, summing to 1 along ``dim`` (or 0 for fully masked rows).
+    """
+    ### BEGIN SOLUTION
+    m = logits.amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))   # all -inf row: avoid inf - inf
+    e = torch.exp(logits - m)
+    s = e.sum(dim=dim, keepdim=True)
+    return e / torch.where(s > 0, s, torch.ones_like(s))
+    ### END SOLUTION
+
+
+def multi_head_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exercise 1.5 · multi-head self-attention with the attention map made explicit.
+
+    q, k, v = split(x W_qkvᵀ + b) into nh heads of width d = C / nh;
+    A = softmax(q kᵀ / sqrt(d)) per head (use your ``softmax``); out = merge(A v) W_projᵀ + b.
+    The qkv output is laid out [q | k | v] and, inside each, head by head (timm's layout).
+
+    Args:
+        x: (B, N, C) tokens (N = P + L).
+        qkv_weight: (3C, C); qkv_bias: (3C,); proj_weight: (C, C); proj_bias: (C,).
+    Returns:
+        out: (B, N, C) and attn: (B, nh, N, N) attention probabilities.
+    """
+    ### BEGIN SOLUTION
+    B, N, C = x.shape
+    d = C // num_heads
+    qkv = x @ qkv_weight.T + qkv_bias                          # (B, N, 3C)
+    qkv = qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]                           # (B, nh, N, d)
+    attn = softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)   # (B, nh, N, N)
+    out = (attn @ v).transpose(1, 2).reshape(B, N, C)          # merge heads
+    return out @ proj_weight.T + proj_bias, attn
+    ### END SOLUTION
+
+
+def attention_rollout(attns: list[torch.Tensor], residual: float = 0.5) -> torch.Tensor:
+    """Exercise 1.6 · attention rollout (Abnar & Zuidema 2020): where does the CLS token look?
+
+    For each layer: average the heads, mix in the residual connection
+    Â = residual * I + (1 - residual) * mean_heads(A), renormalise rows to sum to 1;
+    then multiply through the layers, R = Â_last ··· Â_2 Â_1, and return R's CLS row over the
+    patch tokens (drop the CLS column).
+
+    Args:
+        attns: list over layers of (B, nh, 1 + L, 1 + L) attention probabilities, first layer first.
+    Returns:
+        (B, L) non-negative relevance of each patch for the CLS token.
+    """
+    ### BEGIN SOLUTION
+    eye = torch.eye(attns[0].shape[-1], dtype=attns[0].dtype, device=attns[0].device)
+    rollout = None
+    for a in attns:
+        a = residual * eye + (1 - residual) * a.mean(dim=1)    # (B, N, N)
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout[:, 0, 1:]
+    ### END SOLUTION
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: a timm ViT's weights run through the exercise functions
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ExplicitOutput:
+    logits: torch.Tensor            # (B, K) classifier output
+    tokens: torch.Tensor            # (B, 1 + L, C) after the final norm
+    attn: list[torch.Tensor]        # per layer (B, nh, 1 + L, 1 + L)
+    grid: tuple[int, int]           # (h, w)
+
+
+class ExplicitViT(nn.Module):
+    """A timm ``VisionTransformer`` whose forward pass is written with this chapter's exercises.
+
+    The parameters are timm's (``self.vit``), so pretrained weights load unchanged; only the
+    computation is ours. Supports timm ViTs with one CLS token, class-token position embedding
+    and pre-norm blocks (the ViT/DeiT family), which is what the chapter uses.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        if getattr(vit, "num_prefix_tokens", 1) != 1 or getattr(vit, "no_embed_class", False):
+            raise ValueError(
+                "ExplicitViT needs a timm ViT with exactly one CLS token and a CLS position "
+                "embedding (e.g. vit_tiny_patch16_224 or vit_base_patch16_224)."
+            )
+        self.vit = vit
+        self.patch_size = vit.patch_embed.patch_size[0]
+        self.num_heads = vit.blocks[0].attn.num_heads
+
+    def forward(self, images: torch.Tensor) -> ExplicitOutput:
+        """images: (B, 3, H, W) -> ExplicitOutput."""
+        vit, p = self.vit, self.patch_size
+        H, W = images.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}.")
+        grid = (H // p, W // p)
+        conv = vit.patch_embed.proj
+        pos = vit.pos_embed
+        old_grid = tuple(vit.patch_embed.grid_size)
+        if grid != old_grid:
+            pos = resize_pos_embed(pos, old_grid, grid)
+        # Module globals are looked up at call time, so plugged exercises run here.
+        x = embed_tokens(patchify(images, p), conv.weight.flatten(1), conv.bias, vit.cls_token, pos)
+        x = vit.norm_pre(vit.pos_drop(x))
+        attns = []
+        for blk in vit.blocks:
+            a = blk.attn
+            y, attn = multi_head_attention(blk.norm1(x), a.qkv.weight, _bias(a.qkv), a.proj.weight,
+                                           _bias(a.proj), a.num_heads)
+            x = x + blk.drop_path1(blk.ls1(y))
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            attns.append(attn)
+        x = vit.norm(x)
+        logits = vit.head(vit.head_drop(vit.fc_norm(x[:, 0])))
+        return ExplicitOutput(logits=logits, tokens=x, attn=attns, grid=grid)
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+def cls_attention_map(out: ExplicitOutput, layer: int = -1) -> torch.Tensor:
+    """The CLS token's attention over the patch grid at one layer, heads averaged: (B, h, w)."""
+    a = out.attn[layer][:, :, 0, 1:].mean(dim=1)
+    return a.reshape(a.shape[0], *out.grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: multi-label image classification on ShapeScenes (quick) or PASCAL VOC (full)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Knobs of chapter 01's training run. ``for_scale`` picks quick / full / smoke."""
+
+    img_size: int = 64
+    patch_size: int = 8
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    num_train: int = 2048
+    num_val: int = 256
+    colors: tuple[str, ...] = ("red", "green", "blue")
+    shapes: tuple[str, ...] = ("circle", "square", "triangle")
+    model_name: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k"   # full scale only
+    pretrained: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=450, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30, eval_every=0,
+        log_every=25))
+    target: float = 0.80            # exact-match accuracy the quick run must reach
+
+    @classmethod
+    def quick(cls) -> "AttentionConfig":
+        return cls()
+
+    @classmethod
+    def smoke(cls) -> "AttentionConfig":
+        """What nbgrader runs: seconds, not minutes; it proves the code path, not accuracy."""
+        q = cls()
+        return replace(q, num_train=64, num_val=32,
+                       train=replace(q.train, steps=4, batch_size=16, progress=False))
+
+    @classmethod
+    def full(cls) -> "AttentionConfig":
+        """ViT-B/16 (ImageNet-21k, fine-tuned 1k) fine-tuned on VOC12 image-level labels."""
+        return cls(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                   pretrained=True, target=0.0,
+                   train=TrainConfig(steps=3000, batch_size=32, lr=5e-5, weight_decay=0.05,
+                                     warmup_steps=200, eval_every=500, log_every=50,
+                                     head_lr_mult=10.0, out_dir="runs/ch01_full"))
+
+    @classmethod
+    def for_scale(cls, scale: str) -> "AttentionConfig":
+        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
+        if scale not in presets:
+            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
+        return presets[scale]()
+
+
+def build_model(cfg: AttentionConfig, num_classes: int) -> ExplicitViT:
+    """A timm ViT (quick: tiny and random; full: pretrained ViT-B/16) wrapped in ExplicitViT."""
+    from .backbone import create_vit, quick_vit
+
+    if cfg.pretrained:
+        vit = create_vit(cfg.model_name, pretrained=True, img_size=cfg.img_size,
+                         num_classes=num_classes)
+    else:
+        vit = quick_vit(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                        depth=cfg.depth, num_heads=cfg.num_heads, num_classes=num_classes)
+    return ExplicitViT(vit)
+
+
+def multilabel_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Binary cross-entropy on image-level labels; batch["labels"]: (B, K) multi-hot."""
+    logits = model(batch["image"]).logits
+    expect_shape(logits, "B K", name="classifier logits", B=batch["labels"].shape[0],
+                 K=batch["labels"].shape[1])
+    return {"loss": F.binary_cross_entropy_with_logits(logits, batch["labels"])}
+
+
+@torch.no_grad()
+def multilabel_metrics(model: nn.Module, loader) -> dict[str, float]:
+    """Exact-match accuracy (every label right) and per-label accuracy at threshold 0."""
+    exact, per_label, n = 0.0, 0.0, 0
+    for batch in loader:
+        dev = next(model.parameters()).device
+        pred = model(batch["image"].to(dev)).logits > 0
+        y = batch["labels"].to(dev) > 0.5
+        exact += (pred == y).all(dim=1).float().sum().item()
+        per_label += (pred == y).float().mean(dim=1).sum().item()
+        n += y.shape[0]
+    return {"exact_match": exact / max(n, 1), "label_acc": per_label / max(n, 1)}
+
+
+def quick_data(cfg: AttentionConfig):
+    """ShapeScenes train/val splits for this chapter (different seeds, no overlap)."""
+    from .data.shapes import ShapeScenes
+
+    kw = dict(size=cfg.img_size, colors=cfg.colors, shapes=cfg.shapes)
+    return (ShapeScenes(cfg.num_train, seed=0, **kw), ShapeScenes(cfg.num_val, seed=1, **kw))
+
+
+def full_scale_check(cfg: AttentionConfig | None = None) -> str | None:
+    """One line saying what the full-scale run is missing (CUDA, weights, VOC), or None."""
+    cfg = cfg or AttentionConfig.full()
+    if not torch.cuda.is_available():
+        return ("Full scale needs a CUDA GPU (none found): run this notebook on a GPU machine "
+                "with `VITSEG_SCALE=full jupyter lab`.")
+    from .backbone import weights_available
+
+    if not weights_available(cfg.model_name):
+        return (f"Full scale needs the timm weights {cfg.model_name!r}: run `python -c \"import "
+                f"timm; timm.create_model('{cfg.model_name}', pretrained=True)\"` with network.")
+    from .data.common import data_root
+
+    voc = data_root() / "VOCdevkit" / "VOC2012"
+    if not voc.is_dir():
+        return (f"Full scale needs PASCAL VOC 2012 at {voc}: run `vitseg-lab data download voc` "
+                "(see data/README.md).")
+    return None
+
+
+def run(cfg: AttentionConfig) -> dict:
+    """Train the chapter's classifier; returns {"model", "history", "metrics", "val"}."""
+    from .train import fit
+
+    if cfg.pretrained:
+        from .data.transforms import eval_transform
+        from .data.voc import VOCSegmentation
+
+        train_ds = VOCSegmentation(split="train_aug", transform=eval_transform(cfg.img_size))
+        val_ds = VOCSegmentation(split="val", transform=eval_transform(cfg.img_size))
+        num_classes = 20
+    else:
+        train_ds, val_ds = quick_data(cfg)
+        num_classes = train_ds.num_classes - 1
+    model = build_model(cfg, num_classes)
+    collate = getattr(train_ds, "collate", None)
+    history = fit(model, train_ds, cfg.train, multilabel_loss, multilabel_metrics,
+                  val_data=val_ds, collate_fn=collate)
+    return {"model": model, "history": history, "metrics": history.final, "val": val_ds}
