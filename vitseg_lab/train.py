@@ -324,8 +324,11 @@ def fit(
         raw = model.to(device)
         cleanup.callback(raw.train, raw.training)  # leave the model in the mode it came in
         if ddp:
+            # static_graph: parameters the forward never touches (a ViT's last norm when the head
+            # reads inner layers) are fine, with no per-step search for them.
             model = nn.parallel.DistributedDataParallel(
-                raw, device_ids=[device.index] if device.type == "cuda" else None)
+                raw, device_ids=[device.index] if device.type == "cuda" else None,
+                static_graph=True)
         if cfg.compile:
             model = torch.compile(model)
         opt = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.lr, fused=device.type == "cuda")

@@ -48,8 +48,10 @@ class ToyData(Dataset):
 
 
 class ToyNet(nn.Module):
-    def __init__(self):
+    def __init__(self, unused: bool = False):
         super().__init__()
+        if unused:  # a parameter forward never touches, as a ViT's final norm under a head
+            self.unused = nn.LayerNorm(HIDDEN)  # that reads inner layers: DDP must cope
         self.backbone = nn.Sequential(nn.Linear(IN, HIDDEN), nn.LayerNorm(HIDDEN), nn.GELU(),
                                       nn.Dropout(0.1))
         self.head = nn.Linear(HIDDEN, CLASSES)
@@ -71,9 +73,9 @@ def toy_cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def toy_model(seed: int = 0) -> ToyNet:
+def toy_model(seed: int = 0, unused: bool = False) -> ToyNet:
     torch.manual_seed(seed)
-    return ToyNet()
+    return ToyNet(unused)
 
 
 if __name__ == "__main__":
@@ -82,7 +84,8 @@ if __name__ == "__main__":
     torch.set_num_threads(int(sys.argv[4]) if mode == "kill" else 1)
     if mode == "ddp":
         rank = int(os.environ["RANK"])
-        model = toy_model(seed=rank)  # different on purpose: DDP must broadcast rank 0's weights
+        # Different weights on purpose: DDP must broadcast rank 0's.
+        model = toy_model(seed=rank, unused=True)
         cfg = toy_cfg(steps=12, out_dir=os.path.join(out, "run"), ckpt_every=5)
         hist = fit(model, ToyData(40), cfg, toy_loss)
         torch.save({"state": model.state_dict(), "final": hist.final},

@@ -54,7 +54,8 @@ def test_raw_labels_without_reduce(root):
 
 
 def test_reduce_keeps_255():
-    assert reduce_zero_label(np.array([[0, 1, 255, 150]], np.uint8)).tolist() == [[255, 0, 255, 149]]
+    out = reduce_zero_label(np.array([[0, 1, 255, 150]], np.uint8))
+    assert out.tolist() == [[255, 0, 255, 149]]
 
 
 def test_root_may_be_the_dataset_folder(root):

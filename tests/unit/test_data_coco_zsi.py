@@ -95,9 +95,10 @@ def test_transform_flips_boxes_with_masks(root):
     t = zsi_train_transform(scale=(80, 64), flip_prob=1.0)
     s = COCOZeroShot(root, "48_17", "train_seen", transform=t)[0]
     assert s["image"].shape == (3, 64, 80)
-    for mask, box in zip(s["instance_masks"], s["boxes"]):
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        assert abs(xs.min().item() - box[0].item()) <= 2 and abs(xs.max().item() + 1 - box[2].item()) <= 2
+    for mask, box in zip(s["instance_masks"], s["boxes"], strict=True):
+        xs = torch.nonzero(mask, as_tuple=True)[1]
+        assert abs(xs.min().item() - box[0].item()) <= 2
+        assert abs(xs.max().item() + 1 - box[2].item()) <= 2
     assert s["boxes"][0].tolist() == pytest.approx([80 - 30.0, 8.0, 80 - 6.0, 24.0])
 
 
@@ -120,7 +121,7 @@ def test_bad_inputs(tmp_path):
     w2v.write_text("\n".join(",".join(["0.1"] * 81) for _ in range(300)))
     ds = COCOZeroShot(tmp_path, "48_17", "val_seen")
     with pytest.raises(DataFormatError, match="300x81.*300 rows x 66 columns"):
-        ds.class_vectors
+        _ = ds.class_vectors
     with pytest.raises(ValueError, match="Did you mean 'val_unseen'"):
         COCOZeroShot(tmp_path, "48_17", "val_unsen")
     with pytest.raises(ValueError, match="ann_file="):

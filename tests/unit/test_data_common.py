@@ -1,4 +1,4 @@
-"""vitseg_lab.data.common: data root, file reading with clear errors, COCO mask decoding, collate."""
+"""vitseg_lab.data.common: data root, reading files with clear errors, COCO masks, collate."""
 
 from __future__ import annotations
 

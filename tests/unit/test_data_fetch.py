@@ -304,9 +304,13 @@ def test_verify_names_corrupt_and_missing_files(tmp_path):
     (root / "ADEChallengeData2016" / "annotations" / "training" / "ADE_train_00000003.png").unlink()
     rep = fetch.verify("ade20k", root, expected=fixtures.COUNTS["ade20k"])
     assert any("ADE_train_00000003" in m for m in rep.failures)
+    empty = root / "ADEChallengeData2016" / "images" / "training" / "ADE_train_00000001.jpg"
+    empty.write_bytes(b"")
+    rep = fetch.verify("ade20k", root, expected=fixtures.COUNTS["ade20k"], samples=0)
+    assert any(str(empty) in m and "is empty" in m for m in rep.failures)
     rep = fetch.verify("voc", tmp_path)
-    assert rep.failures == [f"{tmp_path / 'VOCdevkit' / 'VOC2012'} is missing: run "
-                            "`vitseg-lab data download voc`"]
+    want = f"{tmp_path / 'VOCdevkit' / 'VOC2012'} is missing: run `vitseg-lab data download voc`"
+    assert rep.failures == [want]
 
 
 def test_verify_reports_archive_checksum(tmp_path):
@@ -347,6 +351,6 @@ def test_add_data_commands_plugs_into_a_cli(everything, capsys):
 def test_module_runs_standalone(tmp_path):
     env = {**os.environ, "VITSEG_DATA": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "vitseg_lab.data.fetch", "status"], env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert str(tmp_path) in out.stdout and "missing" in out.stdout

@@ -1,4 +1,4 @@
-"""The papers' transform recipes: joint image/mask/box geometry, mmseg's rules, photometric maths."""
+"""The papers' transform recipes: joint image/mask/box geometry, mmseg's rules, photometrics."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_recipes_move_image_and_mask_together(make):
     t = make()
     for _ in range(5):
         out = t(_sample())
-        frac, img, lab, real = _agreement(out)
+        frac, img, _, real = _agreement(out)
         assert frac > 0.85  # nearest-resized mask vs bilinear image: only block borders differ
         assert out["image"].dtype == torch.uint8 and out["semantic"].shape == out["image"].shape[1:]
         assert (img[~real] == 0).all()  # padding: image 0, mask 255

@@ -139,7 +139,7 @@ class ADE20K(Dataset):
                 "`vitseg-lab data verify ade20k`."
             )
         self.class_names: tuple[str, ...] = (
-            ADE20K_CLASSES if reduce_zero_label else ("other",) + ADE20K_CLASSES
+            ADE20K_CLASSES if reduce_zero_label else ("other", *ADE20K_CLASSES)
         )
         self.num_classes = len(self.class_names)
         self.ignore_index = IGNORE_INDEX

@@ -148,7 +148,7 @@ class COCOStuff10K(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform
         self.class_names = (
-            COCO_STUFF_CLASSES if reduce_zero_label else ("unlabelled",) + COCO_STUFF_CLASSES
+            COCO_STUFF_CLASSES if reduce_zero_label else ("unlabelled", *COCO_STUFF_CLASSES)
         )
         self.num_classes = len(self.class_names)
         self.ignore_index = IGNORE_INDEX
@@ -208,7 +208,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def prepare_coco_stuff10k(root: str | os.PathLike | None = None, progress: bool = True) -> list[str]:
+def prepare_coco_stuff10k(
+    root: str | os.PathLike | None = None, progress: bool = True
+) -> list[str]:
     """Convert the raw release into the mmseg layout (idempotent: existing outputs are kept)."""
     from tqdm.auto import tqdm
 

@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `vitseg-lab data status` starts fast
-    import torch
     from torchvision import tv_tensors
 
 __all__ = [
@@ -65,7 +64,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class DatasetNotFound(FileNotFoundError):
-    """A data set (or a part of it) is not where the loader looks; the message says how to get it."""
+    """A data set (or a part of it) is not where the loader looks; the message says what to do."""
 
 
 class DataFormatError(ValueError):
@@ -78,6 +77,27 @@ def download_hint(name: str) -> str:
         f"run `vitseg-lab data download {name}` (or place the files by hand as data/README.md "
         f"describes), or point {ENV_VAR} / root= at the folder that already holds them"
     )
+
+
+# Layout facts that both the loaders and `fetch` (kept free of torch imports) need.
+REFER_SPLIT_BY = {
+    "refcoco": ("unc", "google"),
+    "refcoco+": ("unc",),
+    "refcocog": ("umd", "google"),
+    "refclef": ("unc", "berkeley"),
+}
+REFER_DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
+
+
+def refer_image_dirs(root: Path, dataset: str) -> list[Path]:
+    """Where the images of a ``refer`` data set may live under the data root, in search order."""
+    if dataset == "refclef":
+        return [root / "images" / "saiapr_tc-12"]
+    return [
+        root / "images" / "mscoco" / "images" / "train2014",  # the refer layout
+        root / "coco" / "train2014",  # shared with ZSI
+        root / "images" / "train2014",
+    ]
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -297,7 +317,7 @@ def decode_coco_segmentation(segm: Any, height: int, width: int, where: str = ""
                 if isinstance(rle["counts"], str):
                     rle["counts"] = rle["counts"].encode("ascii")
         else:
-            raise ValueError(f"expected a list of polygons or an RLE dict, got {type(segm).__name__}")
+            raise ValueError(f"expected polygons or an RLE dict, got {type(segm).__name__}")
         with warnings.catch_warnings():  # pycocotools 2.0.x trips a NumPy 2 copy= deprecation
             warnings.simplefilter("ignore", DeprecationWarning)
             m = mask_utils.decode(rle)
@@ -395,7 +415,7 @@ def save_label_png(
     path = Path(path)
     arr = np.asarray(label)
     if arr.ndim != 2 or arr.dtype != np.uint8:
-        raise ValueError(f"save_label_png expects an (H, W) uint8 array, got {arr.shape} {arr.dtype}.")
+        raise ValueError(f"save_label_png needs (H, W) uint8, not {arr.shape} {arr.dtype}.")
     h, w = arr.shape
     if palette is not None:
         im = Image.frombytes("P", (w, h), np.ascontiguousarray(arr).tobytes())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -186,8 +187,12 @@ def _w2v(split: str) -> Remote:
     # raw address could not be checked offline, so a 404 falls back to the manual instruction.
     return Remote(
         name,
-        (f"https://raw.githubusercontent.com/zhengye1995/Zero-shot-Instance-Segmentation/master/"
-         f"data/coco/{name}",),
+        (
+            (
+                "https://raw.githubusercontent.com/zhengye1995/Zero-shot-Instance-Segmentation/"
+                f"master/data/coco/{name}"
+            ),
+        ),
         size="about 0.2 MB", extract_to=None, dest=f"coco/{name}", provides=(f"coco/{name}",),
         manual=f"copy data/coco/{name} from a clone of {_ZSI_REPO} to <root>/coco/{name}",
     )
@@ -333,8 +338,14 @@ def download_file(
             if have and status == 206:
                 m = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
                 start = int(m.group(1)) if m else have
-            if start != have or status != 206:
-                have = 0  # no resume (server sent the whole file, or another range): start over
+            if have and status == 206 and start != have:
+                part.unlink()
+                raise DownloadError(
+                    f"{url} resumed {dest.name} at byte {start} instead of {have}; the partial "
+                    "file was deleted: run the same command again to download it afresh."
+                )
+            if status != 206:
+                have = 0  # the server ignored the range and sends the whole file: start over
             total = (int(length) + have) if length is not None else None
             mode = "ab" if have else "wb"
             try:
@@ -348,7 +359,7 @@ def download_file(
                             break
                         f.write(block)
                         bar.update(len(block))
-            except (TimeoutError, OSError, ConnectionError) as e:
+            except (TimeoutError, OSError, http.client.HTTPException) as e:
                 got = part.stat().st_size if part.exists() else 0
                 raise DownloadError(
                     f"the transfer of {dest.name} stopped after {_human(got)} ({e}); run the same "
@@ -616,6 +627,25 @@ def _count(folder: Path, suffix: str) -> int:
         return sum(1 for e in it if e.name.endswith(suffix))
 
 
+def _scan(rep: Report, folder: Path, suffix: str) -> int:
+    """Count ``*suffix`` files in ``folder`` and fail on every empty one (an interrupted copy)."""
+    if not folder.is_dir():
+        return 0
+    n, empty = 0, []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.endswith(suffix):
+                n += 1
+                if e.stat().st_size == 0:
+                    empty.append(e.name)
+    for name in empty[:20]:
+        rep.add("fail", f"{folder / name} is empty (an interrupted copy or unpacking): delete it "
+                        f"and run `vitseg-lab data download {rep.name} --force`, or copy it again")
+    if len(empty) > 20:
+        rep.add("fail", f"{len(empty) - 20} more empty files in {folder}")
+    return n
+
+
 def _check_count(rep: Report, what: str, found: int, key: str,
                  expected: dict[str, tuple[int, bool]]) -> None:
     if key not in expected:
@@ -626,7 +656,8 @@ def _check_count(rep: Report, what: str, found: int, key: str,
         rep.add("ok", f"{what}: {found:,} as expected")
     elif certain:
         rep.add("fail", f"{what}: found {found:,}, expected {want:,}; the download or unpacking "
-                        "is incomplete: run `vitseg-lab data download` for this data set again")
+                        f"is incomplete: run `vitseg-lab data download {rep.name}` again (and "
+                        f"`vitseg-lab data prepare {rep.name}` where it applies)")
     else:
         rep.add("warn", f"{what}: found {found:,}; the number we recorded (from memory, not "
                         f"re-checked) is {want:,}")
@@ -691,8 +722,8 @@ def _verify_ade(rep, root, exp, samples, full, progress):
         rep.add("fail", f"{base} is missing: run `vitseg-lab data download ade20k`")
         return
     for split in ("training", "validation"):
-        n_img = _count(base / "images" / split, ".jpg")
-        n_ann = _count(base / "annotations" / split, ".png")
+        n_img = _scan(rep, base / "images" / split, ".jpg")
+        n_ann = _scan(rep, base / "annotations" / split, ".png")
         _check_count(rep, f"images/{split}", n_img, split, exp)
         _check_count(rep, f"annotations/{split}", n_ann, split, exp)
         ds = _loader_try(rep, lambda s=split: ADE20K(root, s))
@@ -707,8 +738,8 @@ def _verify_voc(rep, root, exp, samples, full, progress):
     if not base.is_dir():
         rep.add("fail", f"{base} is missing: run `vitseg-lab data download voc`")
         return
-    _check_count(rep, "JPEGImages", _count(base / "JPEGImages", ".jpg"), "JPEGImages", exp)
-    _check_count(rep, "SegmentationClass", _count(base / "SegmentationClass", ".png"),
+    _check_count(rep, "JPEGImages", _scan(rep, base / "JPEGImages", ".jpg"), "JPEGImages", exp)
+    _check_count(rep, "SegmentationClass", _scan(rep, base / "SegmentationClass", ".png"),
                  "SegmentationClass", exp)
     sets = base / "ImageSets" / "Segmentation"
     for split in ("train", "val", "train_aug"):
@@ -772,6 +803,7 @@ def _verify_coco(rep, root, exp, samples, full, progress):
             rep.add("fail", f"{root / 'coco' / folder} is missing: run "
                             "`vitseg-lab data download coco2014`")
             continue
+        _scan(rep, d, ".jpg")
         names = sorted(n for n in os.listdir(d) if n.endswith(".jpg"))
         _check_count(rep, f"coco/{folder}", len(names), folder, exp)
         idx = _picks(len(names), samples, full)
@@ -829,8 +861,9 @@ def _verify_stuff(rep, root, exp, samples, full, progress):
         if lst.is_file():
             n = sum(1 for ln in lst.read_text().splitlines() if ln.strip())
             _check_count(rep, f"imageLists/{split}.txt", n, split, exp)
-        n_img = _count(base / "images" / sub, ".jpg")
+        n_img = _scan(rep, base / "images" / sub, ".jpg")
         _check_count(rep, f"images/{sub}", n_img, split, exp)
+        _scan(rep, base / "annotations" / sub, ".png")
         ds = _loader_try(rep, lambda s=split: COCOStuff10K(root, s))
         if ds is not None:
             _decode(rep, f"COCO-Stuff-10K {split}", ds, samples, full, progress)
@@ -913,7 +946,8 @@ def _status_one(spec: Spec, root: Path) -> Status:
             return row("prepare", "train_aug not built yet", prep)
         return row("incomplete", "SBD (benchmark_RELEASE) missing", dl)
     if n.startswith("refcoco"):
-        from .refcoco import DEFAULT_SPLIT_BY, image_dirs
+        from .common import REFER_DEFAULT_SPLIT_BY as DEFAULT_SPLIT_BY
+        from .common import refer_image_dirs as image_dirs
 
         folder = root / n
         refs = folder / f"refs({DEFAULT_SPLIT_BY[n]}).p"

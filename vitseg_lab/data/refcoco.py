@@ -32,6 +32,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .common import (
+    REFER_DEFAULT_SPLIT_BY as DEFAULT_SPLIT_BY,
+)
+from .common import (
+    REFER_SPLIT_BY as SPLIT_BY,
+)
+from .common import (
     DataFormatError,
     DatasetNotFound,
     apply_transform,
@@ -43,16 +49,12 @@ from .common import (
     read_json,
     require_keys,
 )
+from .common import (
+    refer_image_dirs as image_dirs,
+)
 
 __all__ = ["DEFAULT_SPLIT_BY", "SPLIT_BY", "RefCOCO", "image_dirs", "load_refs"]
 
-SPLIT_BY = {
-    "refcoco": ("unc", "google"),
-    "refcoco+": ("unc",),
-    "refcocog": ("umd", "google"),
-    "refclef": ("unc", "berkeley"),
-}
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
 # Expressions per split (mem: the numbers usually quoted from the refer/MAttNet papers; verify
 # reports a difference as a warning, not a failure).
 OFFICIAL_EXPRESSIONS = {
@@ -62,17 +64,6 @@ OFFICIAL_EXPRESSIONS = {
 }
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 ANN_KEYS = ("id", "image_id", "segmentation", "bbox")
-
-
-def image_dirs(root: Path, dataset: str) -> list[Path]:
-    """Where the images of ``dataset`` may live under the data root, in search order."""
-    if dataset == "refclef":
-        return [root / "images" / "saiapr_tc-12"]
-    return [
-        root / "images" / "mscoco" / "images" / "train2014",
-        root / "coco" / "train2014",
-        root / "images" / "train2014",
-    ]
 
 
 def load_refs(path: str | os.PathLike) -> list[dict]:
@@ -216,7 +207,8 @@ class RefCOCO(Dataset):
         info = self.images[ref["image_id"]]
         return decode_coco_segmentation(
             ann["segmentation"], int(info["height"]), int(info["width"]),
-            where=f"annotation {ann['id']} (ref {ref['ref_id']}) in {self.folder / 'instances.json'}",
+            where=f"annotation {ann['id']} (ref {ref['ref_id']}) in "
+            f"{self.folder / 'instances.json'}",
         )
 
     def __getitem__(self, i: int) -> dict:
@@ -245,7 +237,9 @@ class RefCOCO(Dataset):
             "sent_id": int(sent.get("sent_id", -1)),
             "ann_id": int(ref["ann_id"]),
             "image_id": int(ref["image_id"]),
-            "category_id": int(ref.get("category_id", self.anns[ref["ann_id"]].get("category_id", -1))),
+            "category_id": int(
+                ref.get("category_id", self.anns[ref["ann_id"]].get("category_id", -1))
+            ),
         }
         out = apply_transform(sample, self.transform)
         out["bbox"] = out["bbox"].reshape(4)

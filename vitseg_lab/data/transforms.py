@@ -1,4 +1,4 @@
-"""Each paper's data recipe as a torchvision v2 transform, applied jointly to image, masks and boxes.
+"""Each paper's data recipe as a torchvision v2 transform, applied jointly to image, masks, boxes.
 
 The loaders hand a transform the sample dict with a ``uint8`` ``tv_tensors.Image``,
 ``tv_tensors.Mask`` label maps (255 = ignore) and ``tv_tensors.BoundingBoxes``; torchvision moves
@@ -9,12 +9,12 @@ model: :data:`NORMALIZATION` records each paper's values.
 Recipes (full scale, as in the official configs):
 
 - :func:`segvit_train_transform`: mmseg's ADE20K pipeline: random resize of scale ``(2048, crop)``
-  with ratio 0.5–2.0 (keep aspect), random crop with ``cat_max_ratio=0.75``, flip, photometric
+  with ratio 0.5-2.0 (keep aspect), random crop with ``cat_max_ratio=0.75``, flip, photometric
   distortion, pad to the crop with 0 / 255 (METHODS §1.4).
-- :func:`afa_train_transform`: AFA's VOC pipeline: random rescale 0.5–2.0, flip, random crop 320
+- :func:`afa_train_transform`: AFA's VOC pipeline: random rescale 0.5-2.0, flip, random crop 320
   with the image placed at a random offset in a zero/255-padded canvas (AFA's ``random_crop``;
   the VOC loader's ``valid`` map is its ``img_box``). Colour jitter is off in AFA's released code.
-- :func:`restr_transform`: ReSTR's 480×480 input. No flip: expressions say "left"/"right".
+- :func:`restr_transform`: ReSTR's 480x480 input. No flip: expressions say "left"/"right".
 - :func:`zsi_train_transform`: mmdet 1.x's Mask R-CNN pipeline: keep-ratio resize to
   (1333, 800), flip 0.5.
 - :func:`eval_transform`: identity, or a keep-ratio resize for testing.
@@ -103,7 +103,9 @@ class MMSegRandomResize(_Resize):
     largest size with long side <= r * max(scale) and short side <= r * min(scale).
     """
 
-    def __init__(self, scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0)):
+    def __init__(
+        self, scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0)
+    ):
         super().__init__()
         self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
 
@@ -317,7 +319,7 @@ def segvit_train_transform(
 def afa_train_transform(
     crop: int = 320, ratio_range: Sequence[float] = (0.5, 2.0), flip_prob: float = 0.5
 ) -> v2.Compose:
-    """AFA's VOC training pipeline (``VOC12ClsDataset`` with ``aug=True``; crop 320 from the yaml)."""
+    """AFA's VOC training pipeline (``VOC12ClsDataset`` with ``aug=True``; crop 320: the yaml)."""
     return v2.Compose([
         RandomScale(ratio_range),
         v2.RandomHorizontalFlip(flip_prob),

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 with the SBD augmented set ("SegmentationClassAug"), AFA's benchmark (chapter 04).
+"""PASCAL VOC 2012 with the SBD augmented set ("SegmentationClassAug"): AFA's data (chapter 04).
 
 Layout read (METHODS §6.2), under the data root::
 
@@ -46,7 +46,15 @@ from .common import (
     save_label_png,
 )
 
-__all__ = ["VOC_CLASSES", "VOCAug", "image_labels", "load_sbd_mat", "prepare_voc_aug", "voc_palette"]
+__all__ = [
+    "VOC",
+    "VOC_CLASSES",
+    "VOCAug",
+    "image_labels",
+    "load_sbd_mat",
+    "prepare_voc_aug",
+    "voc_palette",
+]
 
 NAME = "voc"
 FOLDER = "VOCdevkit/VOC2012"
@@ -141,8 +149,8 @@ class VOCAug(Dataset):
             if label_dir == "SegmentationClassAug" and not aug.is_dir():
                 raise DatasetNotFound(
                     f"{aug} is missing: build it from SBD with `vitseg-lab data prepare voc` "
-                    "(after `vitseg-lab data download voc`), or unzip AFA's SegmentationClassAug.zip "
-                    "there."
+                    "(after `vitseg-lab data download voc`), or unzip AFA's "
+                    "SegmentationClassAug.zip there."
                 )
         self.label_dir = self.base / check_choice(
             label_dir, ["SegmentationClassAug", "SegmentationClass"], "VOC label folder"
