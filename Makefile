@@ -32,6 +32,12 @@ notebooks: venv                 ## execute every notebook in quick scale (nbval)
 notebooks-build: venv           ## regenerate notebooks/*.ipynb from notebooks/src + the library
 	$(PY) -m tools.nbbuild
 
+student: venv                   ## student edition -> dist/student/ (nbgrader release + stub library)
+	$(PY) -m tools.student
+
+grade-demo: venv                ## reference / empty / buggy learners autograded; prints the score table
+	$(PY) -m tools.grading demo
+
 bench: venv
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 

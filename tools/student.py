@@ -267,11 +267,15 @@ def _title(nb_path: Path) -> str:
     return nb_path.stem
 
 
-def build_student(out: Path, course: Path) -> Path:
-    """Assemble ``out`` from the course's ``release/`` notebooks and a stripped library."""
+def build_student(out: Path, course: Path, *, rebuild: bool = True) -> Path:
+    """Assemble ``out`` from the course's ``release/`` notebooks and a stripped library.
+
+    ``rebuild``: regenerate the course (source/ and release/) first; False reuses a course that
+    ``tools.grading.build_course`` has just built.
+    """
     from tools import grading
 
-    assignments = grading.build_course(course)
+    assignments = grading.build_course(course) if rebuild else grading.chapter_notebooks()
     if out.exists():
         shutil.rmtree(out)
     (out / "notebooks").mkdir(parents=True)

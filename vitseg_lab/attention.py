@@ -185,6 +185,7 @@ def attention_rollout(attns: list[torch.Tensor], residual: float = 0.5) -> torch
 @dataclass
 class ExplicitOutput:
     logits: torch.Tensor            # (B, K) classifier output
+    token_logits: torch.Tensor | None   # (B, L, K') per-patch labels (token labelling) or None
     tokens: torch.Tensor            # (B, 1 + L, C) after the final norm
     attn: list[torch.Tensor]        # per layer (B, nh, 1 + L, 1 + L)
     grid: tuple[int, int]           # (h, w)
@@ -198,7 +199,7 @@ class ExplicitViT(nn.Module):
     and pre-norm blocks (the ViT/DeiT family), which is what the chapter uses.
     """
 
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: nn.Module, normalize: bool = False, num_token_classes: int = 0):
         super().__init__()
         if getattr(vit, "num_prefix_tokens", 1) != 1 or getattr(vit, "no_embed_class", False):
             raise ValueError(
@@ -208,6 +209,17 @@ class ExplicitViT(nn.Module):
         self.vit = vit
         self.patch_size = vit.patch_embed.patch_size[0]
         self.num_heads = vit.blocks[0].attn.num_heads
+        # Token labelling (Jiang et al., 2021): a linear head that labels every patch token, so
+        # training gets a signal per patch, not one per image.
+        self.token_head = (nn.Linear(vit.embed_dim, num_token_classes) if num_token_classes
+                           else None)
+        # Pretrained weights expect their own input normalisation; images arrive in [0, 1].
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean", (0.0,) * 3), cfg.get("std", (1.0,) * 3)
+        if not normalize:
+            mean, std = (0.0,) * 3, (1.0,) * 3
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> ExplicitOutput:
         """images: (B, 3, H, W) -> ExplicitOutput."""
@@ -216,6 +228,7 @@ class ExplicitViT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}.")
         grid = (H // p, W // p)
+        images = (images - self.mean) / self.std
         conv = vit.patch_embed.proj
         pos = vit.pos_embed
         old_grid = tuple(vit.patch_embed.grid_size)
@@ -233,8 +246,12 @@ class ExplicitViT(nn.Module):
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
             attns.append(attn)
         x = vit.norm(x)
-        logits = vit.head(vit.head_drop(vit.fc_norm(x[:, 0])))
-        return ExplicitOutput(logits=logits, tokens=x, attn=attns, grid=grid)
+        pooled = {"token": lambda t: t[:, 0], "avg": lambda t: t[:, 1:].mean(dim=1),
+                  "max": lambda t: t[:, 1:].amax(dim=1)}[vit.global_pool](x)
+        logits = vit.head(vit.head_drop(vit.fc_norm(pooled)))
+        token_logits = self.token_head(x[:, 1:]) if self.token_head is not None else None
+        return ExplicitOutput(logits=logits, token_logits=token_logits, tokens=x, attn=attns,
+                              grid=grid)
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor:
@@ -260,15 +277,16 @@ class AttentionConfig:
     embed_dim: int = 96
     depth: int = 4
     num_heads: int = 3
-    num_train: int = 2048
+    global_pool: str = "token"      # "token": the CLS token feeds the classifier; "avg": mean of patches
+    num_train: int = 1024
     num_val: int = 256
     colors: tuple[str, ...] = ("red", "green", "blue")
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
     model_name: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k"   # full scale only
     pretrained: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=450, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30, eval_every=0,
-        log_every=25))
+        steps=150, batch_size=32, lr=2e-3, weight_decay=0.05, warmup_steps=15, eval_every=0,
+        log_every=10))
     target: float = 0.80            # exact-match accuracy the quick run must reach
 
     @classmethod
@@ -299,7 +317,7 @@ class AttentionConfig:
         return presets[scale]()
 
 
-def build_model(cfg: AttentionConfig, num_classes: int) -> ExplicitViT:
+def build_model(cfg: AttentionConfig, num_classes: int, num_token_classes: int = 0) -> ExplicitViT:
     """A timm ViT (quick: tiny and random; full: pretrained ViT-B/16) wrapped in ExplicitViT."""
     from .backbone import create_vit, quick_vit
 
@@ -308,30 +326,81 @@ def build_model(cfg: AttentionConfig, num_classes: int) -> ExplicitViT:
                          num_classes=num_classes)
     else:
         vit = quick_vit(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                        depth=cfg.depth, num_heads=cfg.num_heads, num_classes=num_classes)
-    return ExplicitViT(vit)
+                        depth=cfg.depth, num_heads=cfg.num_heads, num_classes=num_classes,
+                        global_pool=cfg.global_pool)
+    return ExplicitViT(vit, normalize=cfg.pretrained, num_token_classes=num_token_classes)
+
+
+def patch_label_distribution(semantic: torch.Tensor, patch_size: int, num_classes: int,
+                             ignore_index: int = 255) -> torch.Tensor:
+    """Soft token labels: the class fractions inside each patch, ignore pixels left out.
+
+    semantic: (B, H, W) int64 -> (B, L, num_classes), rows sum to 1 (or 0 if all ignored).
+    """
+    valid = semantic != ignore_index
+    onehot = F.one_hot(semantic.where(valid, 0), num_classes).float() * valid[..., None]
+    counts = F.avg_pool2d(onehot.permute(0, 3, 1, 2), patch_size) * patch_size ** 2
+    counts = counts.flatten(2).transpose(1, 2)                   # (B, L, K)
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def multilabel_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-    """Binary cross-entropy on image-level labels; batch["labels"]: (B, K) multi-hot."""
-    logits = model(batch["image"]).logits
-    expect_shape(logits, "B K", name="classifier logits", B=batch["labels"].shape[0],
+    """Binary cross-entropy on image-level labels, plus token labelling when the model has a head.
+
+    batch["labels"]: (B, K) multi-hot; batch["semantic"]: (B, H, W) for the token labels.
+    """
+    out = model(batch["image"])
+    expect_shape(out.logits, "B K", name="classifier logits", B=batch["labels"].shape[0],
                  K=batch["labels"].shape[1])
-    return {"loss": F.binary_cross_entropy_with_logits(logits, batch["labels"])}
+    terms = {"cls": F.binary_cross_entropy_with_logits(out.logits, batch["labels"])}
+    if out.token_logits is not None and "semantic" in batch:
+        p = batch["image"].shape[-1] // out.grid[1]
+        target = patch_label_distribution(batch["semantic"], p, out.token_logits.shape[-1])
+        terms["token"] = -(target * out.token_logits.log_softmax(-1)).sum(-1).mean()
+        terms["mil"] = F.binary_cross_entropy_with_logits(image_scores(out), batch["labels"])
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+def image_scores(out: ExplicitOutput) -> torch.Tensor:
+    """Image-level class logits (B, K): the most confident patch per class when the model labels
+    tokens (a multiple-instance readout: a class is in the image if some patch shows it),
+    otherwise the CLS classifier."""
+    if out.token_logits is None:
+        return out.logits
+    return out.token_logits[..., 1:].amax(dim=1)        # class 0 of the token head = background
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-class average precision (area under the precision-recall steps).
+
+    scores, targets: (N, K) -> (K,) AP, NaN for classes with no positive example.
+    """
+    order = scores.argsort(dim=0, descending=True)
+    t = targets.gather(0, order).float()                         # (N, K) sorted by score
+    hits = t.cumsum(0)
+    precision = hits / torch.arange(1, t.shape[0] + 1, dtype=t.dtype, device=t.device)[:, None]
+    npos = t.sum(0)
+    return (precision * t).sum(0) / npos.where(npos > 0, torch.nan)
 
 
 @torch.no_grad()
 def multilabel_metrics(model: nn.Module, loader) -> dict[str, float]:
-    """Exact-match accuracy (every label right) and per-label accuracy at threshold 0."""
-    exact, per_label, n = 0.0, 0.0, 0
+    """mAP over classes, exact-match accuracy (every label right), per-label accuracy; and the
+    CLS classifier's exact match beside the token readout's when the model labels tokens."""
+    scores, cls_scores, targets = [], [], []
     for batch in loader:
         dev = next(model.parameters()).device
-        pred = model(batch["image"].to(dev)).logits > 0
-        y = batch["labels"].to(dev) > 0.5
-        exact += (pred == y).all(dim=1).float().sum().item()
-        per_label += (pred == y).float().mean(dim=1).sum().item()
-        n += y.shape[0]
-    return {"exact_match": exact / max(n, 1), "label_acc": per_label / max(n, 1)}
+        out = model(batch["image"].to(dev))
+        scores.append(image_scores(out).float().cpu())
+        cls_scores.append(out.logits.float().cpu())
+        targets.append(batch["labels"].cpu() > 0.5)
+    s, c, y = torch.cat(scores), torch.cat(cls_scores), torch.cat(targets)
+    pred = s > 0
+    return {"mAP": average_precision(s, y).nanmean().item(),
+            "exact_match": (pred == y).all(dim=1).float().mean().item(),
+            "label_acc": (pred == y).float().mean().item(),
+            "cls_exact_match": ((c > 0) == y).all(dim=1).float().mean().item()}
 
 
 def quick_data(cfg: AttentionConfig):
@@ -353,13 +422,9 @@ def full_scale_check(cfg: AttentionConfig | None = None) -> str | None:
     if not weights_available(cfg.model_name):
         return (f"Full scale needs the timm weights {cfg.model_name!r}: run `python -c \"import "
                 f"timm; timm.create_model('{cfg.model_name}', pretrained=True)\"` with network.")
-    from .data.common import data_root
+    from .data.fetch import missing_message
 
-    voc = data_root() / "VOCdevkit" / "VOC2012"
-    if not voc.is_dir():
-        return (f"Full scale needs PASCAL VOC 2012 at {voc}: run `vitseg-lab data download voc` "
-                "(see data/README.md).")
-    return None
+    return missing_message("voc")
 
 
 def run(cfg: AttentionConfig) -> dict:
@@ -367,16 +432,21 @@ def run(cfg: AttentionConfig) -> dict:
     from .train import fit
 
     if cfg.pretrained:
-        from .data.transforms import eval_transform
-        from .data.voc import VOCSegmentation
+        from torchvision.transforms import v2
 
-        train_ds = VOCSegmentation(split="train_aug", transform=eval_transform(cfg.img_size))
-        val_ds = VOCSegmentation(split="val", transform=eval_transform(cfg.img_size))
+        from .data.voc import VOCAug
+
+        size = (cfg.img_size, cfg.img_size)
+        train_ds = VOCAug(split="train_aug", transform=v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip()]))
+        val_ds = VOCAug(split="val", transform=v2.Resize(size, antialias=True))
         num_classes = 20
     else:
         train_ds, val_ds = quick_data(cfg)
         num_classes = train_ds.num_classes - 1
-    model = build_model(cfg, num_classes)
+    # Token labels need masks: ShapeScenes has them (K + background classes); VOC has them too.
+    model = build_model(cfg, num_classes, num_token_classes=num_classes + 1)
     collate = getattr(train_ds, "collate", None)
     history = fit(model, train_ds, cfg.train, multilabel_loss, multilabel_metrics,
                   val_data=val_ds, collate_fn=collate)

@@ -86,3 +86,73 @@ def attention_explorer(model, dataset, index: int = 0) -> W.VBox:
         c.observe(update, names="value")
     update()
     return box
+
+
+# ---------------------------------------------------------------------------------- chapter 03
+
+def mask_explorer(model, dataset, class_names: list[str], index: int = 0) -> W.VBox:
+    """Chapter 03: one class token at one cascade stage — its similarity map, its mask, the truth.
+
+    Args:
+        model: a ``segvit.SegViT``; its forward runs the learner's ``atm_similarity``,
+            ``atm_mask_logits`` and ``cascade_masks``, the prediction their ``semantic_scores``.
+        dataset: items with "image" (3, H, W) and "semantic" (H, W), 255 = ignore.
+        class_names: K names; token k is class k.
+    Returns:
+        a VBox; ``.state`` holds the choice, ``sim`` (this stage's head-averaged logits, (h, w)),
+        ``mask`` (sigmoid of the accumulated logits, (h, w)) and ``p_class`` (the token's
+        probability of its own class).
+    """
+    import torch.nn.functional as F
+
+    from . import segvit  # the module, so the learner's plugged functions are looked up now
+
+    model.eval()
+    layers = list(reversed(model.backbone.out_layers))       # decoding order: deepest first
+    K = len(class_names)
+    scene = W.IntSlider(value=index, min=0, max=len(dataset) - 1, description="scene")
+    token = W.Dropdown(options=[(f"{k}: {n}", k) for k, n in enumerate(class_names)],
+                       value=1 if K > 1 else 0, description="class token")
+    stage = W.Dropdown(options=[(f"{s + 1} (ViT block {b})", s) for s, b in enumerate(layers)],
+                       value=len(layers) - 1, description="stage")
+    out = W.Output()
+    box = W.VBox([W.HBox([scene, token, stage]), out])
+    box.state = {}
+    cache: dict[int, object] = {}
+
+    def forward(i: int):
+        if i not in cache:  # one forward per scene, through the learner's functions
+            cache.clear()
+            with torch.no_grad():
+                dev = next(model.parameters()).device
+                cache[i] = model(dataset[i]["image"][None].to(dev))
+        return cache[i]
+
+    def draw():
+        item = dataset[scene.value]
+        image, label = item["image"], item["semantic"]
+        res, k, s = forward(scene.value), token.value, stage.value
+        sim = res.stage_logits[s][0, k].cpu()
+        mask = res.mask_logits[s][0, k].sigmoid().cpu()
+        p_class = res.class_logits[s][0, k].softmax(-1)[k].item()
+        logits = F.interpolate(res.mask_logits[s], size=image.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        pred = segvit.semantic_scores(res.class_logits[s], logits)[0].argmax(0).cpu()
+        truth = torch.where(label == 255, 255, (label == k).long())
+        box.state.update(scene=scene.value, token=k, stage=s, sim=sim.clone(),
+                         mask=mask.clone(), p_class=p_class)
+        fig, axes = plt.subplots(1, 4, figsize=(11, 3.1))
+        viz.show_mask(image, truth, 2, axes[0], title=f"truth: {class_names[k]}")
+        lim = float(sim.abs().max()) or 1.0
+        viz.show_heatmap(image, sim, axes[1], cmap="coolwarm", vmin=-lim, vmax=lim,
+                         title=f"stage {s + 1} similarity (heads averaged)")
+        viz.show_heatmap(image, mask, axes[2], vmin=0, vmax=1,
+                         title=f"mask after stage {s + 1} · p(class)={p_class:.2f}")
+        viz.show_mask(image, pred, K, axes[3], title=f"prediction after stage {s + 1}")
+        fig.tight_layout()
+        return fig
+
+    for c in (scene, token, stage):
+        c.observe(lambda _: _render(out, draw), names="value")
+    _render(out, draw)
+    return box

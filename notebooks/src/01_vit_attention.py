@@ -32,6 +32,7 @@ import math
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
 import vitseg_lab as vl
 from vitseg_lab import attention, plug, viz, widgets
@@ -208,8 +209,8 @@ assert torch.allclose(s.sum(dim=1), torch.ones(3, 5)), "each slice along dim=1 s
 assert torch.allclose(softmax(torch.tensor([0.0, math.log(3.0)])), torch.tensor([0.25, 0.75])), \
     "softmax([0, log 3]) should be [0.25, 0.75]"
 big = softmax(torch.tensor([1000.0, 1000.0 + math.log(3.0)]))
-assert torch.isfinite(big).all() and torch.allclose(big, torch.tensor([0.25, 0.75])), \
-    f"large logits overflowed: got {big.tolist()} (subtract the maximum before exp)"
+assert torch.isfinite(big).all(), f"large logits overflowed: got {big.tolist()} (subtract the maximum before exp)"
+assert torch.allclose(big, torch.tensor([0.25, 0.75]), atol=1e-4), f"softmax([1000, 1000 + log 3]) gave {big.tolist()}"
 masked = softmax(torch.full((2, 3), float("-inf")))
 assert torch.equal(masked, torch.zeros(2, 3)), f"an all -inf row should give zeros, got {masked.tolist()}"
 print("softmax: all visible tests passed")
@@ -293,18 +294,27 @@ assert torch.allclose(ours, theirs, atol=1e-4)
 # %% [markdown]
 # ## Training a ViT with your code
 #
-# Now train that model — from scratch, on your CPU — to recognise which classes appear in a
-# scene (multi-label classification, one sigmoid per class, binary cross-entropy). Every forward
-# pass runs through your functions. At quick scale (a 4-layer, 96-wide ViT with 8×8 patches on
-# 2,048 scenes) it takes under a minute and should reach **exact-match accuracy ≥ 0.80** on
-# held-out scenes: every one of the 9 labels right.
+# Now train that model — from scratch, on your CPU — to say which of the 9 classes appear in a
+# scene. Every forward pass runs through your functions. Two heads read the tokens:
+#
+# - the classic ViT head: the **CLS token**'s output → one sigmoid per class;
+# - **token labelling** (Jiang et al., 2021): a linear head labels *every* patch token with its
+#   class, supervised by the fraction of each class inside the patch. One label per patch
+#   instead of one per image is far more signal, which is why a tiny ViT learns in a minute.
+#   A class is in the image when some patch says so: the image score of class $k$ is the
+#   maximum over patches of the token logits for $k$ (a multiple-instance readout).
+#
+# At quick scale (a 4-layer, 96-wide ViT with 8×8 patches, 1,024 scenes, 150 steps) the token
+# readout should reach **exact-match accuracy ≥ 0.80** on held-out scenes — all 9 labels right
+# — and the CLS head, trained alongside, gets most of the way there too.
 
 # %% tags=long-running
 result = attention.run(cfg)
 model, history = result["model"], result["history"]
-acc = result["metrics"]["exact_match"]
-print(f"exact-match accuracy on held-out scenes: {acc:.3f} (target ≥ {cfg.target:.2f}) · "
-      f"per-label accuracy: {result['metrics']['label_acc']:.3f}")
+m = result["metrics"]
+print(f"held-out scenes: exact-match {m['exact_match']:.3f} (target ≥ {cfg.target:.2f}), "
+      f"mAP {m['mAP']:.3f}, per-label accuracy {m['label_acc']:.3f}; "
+      f"CLS head exact-match {m['cls_exact_match']:.3f}")
 history.plot()
 plt.show()
 

@@ -1,0 +1,58 @@
+# nbgrader configuration of the vitseg-lab course.
+#
+# `python -m tools.grading build` copies this file, vitseg_nbgrader.py and kernel_guard.py into the
+# course folder (default grading/course/) and generates source/ there; run every nbgrader command
+# from that folder (or through `python -m tools.grading ...`). The course root is the folder this
+# file sits in, found at run time: the course can be moved (e.g. to a JupyterHub server).
+# Every setting below was checked on this stack (see /work/shared/GRADING.md and grading/README.md).
+import os
+import sys
+
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+from nbgrader.preprocessors import ClearHiddenTests, GetGrades
+
+c = get_config()  # noqa: F821
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import vitseg_nbgrader as hooks  # noqa: E402  (course-local module, copied next to this file)
+
+c.CourseDirectory.root = HERE
+c.CourseDirectory.course_id = os.environ.get("VITSEG_COURSE_ID", "vitseg-lab")
+
+# ---- time budgets ------------------------------------------------------------------------------
+# `Execute.timeout` is the setting nbgrader honours (not ExecutePreprocessor.timeout). On timeout the
+# kernel is interrupted and the next cell runs, so an infinite loop costs one exercise, not the
+# notebook. Cells tagged `long-running` (training: a smoke configuration under nbgrader) get more.
+CELL_TIMEOUT = int(os.environ.get("VITSEG_CELL_TIMEOUT", "60"))
+LONG_TIMEOUT = int(os.environ.get("VITSEG_LONG_CELL_TIMEOUT", "300"))
+c.Execute.timeout = CELL_TIMEOUT
+c.Execute.timeout_func = (
+    lambda cell: LONG_TIMEOUT if "long-running" in cell.get("metadata", {}).get("tags", [])
+    else CELL_TIMEOUT)
+c.Execute.interrupt_on_timeout = True
+# Every grading kernel first checks that `vitseg_lab` is the assignment folder's copy (stubs +
+# grader from source/), not an installed instructor edition (kernel_guard.py).
+c.Execute.extra_arguments = [f"--IPKernelApp.exec_files={os.path.join(HERE, 'kernel_guard.py')}"]
+
+# ---- autograde ---------------------------------------------------------------------------------
+# Tracebacks in the graded notebook keep the separator, "...truncated..." and the final error line
+# only: the hidden test's frames never reach the feedback (with ClearHiddenTests below).
+c.LimitOutput.max_traceback = 3
+# A deleted test cell is put back and graded instead of scoring 0 pending manual grading.
+c.OverwriteCells.add_missing_cells = True
+# Per submission, before nbgrader reads it: duplicated/deleted/unknown graded cells repaired, a
+# note for the learner, and the monkeypatch scan (reports/<assignment>/preflight/<student>.json).
+c.Autograde.pre_convert_hook = hooks.autograde_preflight_hook
+# Non-notebook files are always overwritten from source/ (the student-edition library + the
+# grader): a learner can neither tamper with the library nor fall back on a reference.
+c.Autograde.exclude_overwriting = {}
+
+# ---- release and feedback ----------------------------------------------------------------------
+c.GenerateAssignment.post_convert_hook = hooks.drop_instructor_files_from_release
+c.GenerateFeedback.preprocessors = [GetGrades, hooks.ScrubHiddenTracebacks, ClearHiddenTests,
+                                    CSSHTMLHeaderPreprocessor]
+c.GenerateFeedback.post_convert_hook = hooks.drop_instructor_files_from_feedback
+
+# ---- optional: JupyterHub exchange (not needed for the offline workflow) -----------------------
+# c.Exchange.root = "/srv/nbgrader/exchange"

@@ -1,0 +1,135 @@
+"""Session fixtures: one nbgrader course (built once, in a temporary folder), the demo learners
+(reference / empty / buggy for every chapter present) and a "tamper" learner for chapter 01,
+autograded once and shared by every test of this folder.
+
+The autograde run is made hostile on purpose: PYTHONPATH names the repository, so the instructor's
+library (reference solutions included) is importable ahead of the assignment folder, on top of the
+editable install. Grades must still come from the notebooks' cells alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tools import grading as g
+from tools import student as st
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = g.DEMO_STUDENTS
+TAMPER = "tamper"
+TAMPER_CELL_TIMEOUT = 25           # seconds per cell for this run (the infinite loop costs one)
+
+
+@dataclass
+class Course:
+    root: Path
+    assignments: dict[str, Path]
+    timings: dict[str, float] = field(default_factory=dict)
+    expected_tamper: dict[str, float] = field(default_factory=dict)
+
+
+def _cells_by_id(nb):
+    return {c.metadata.get("nbgrader", {}).get("grade_id"): c for c in nb.cells
+            if c.metadata.get("nbgrader", {}).get("grade_id")}
+
+
+def _with_body(source: str, body: list[str]) -> str:
+    """Keep the decorator, signature and docstring of a solution cell; replace the body."""
+    lines = source.splitlines()
+    return "\n".join(lines[: g._docstring_end(lines)] + body)
+
+
+def tamper_ch01(course: Path) -> tuple[nbformat.NotebookNode, dict[str, float]]:
+    """Chapter 01 submission combining the tamper and fault cases; returns it and the expected
+    points per test cell."""
+    nb = g.reference_submission(course, "ch01")
+    cells = _cells_by_id(nb)
+    stub = g.solution_cells(g.empty_submission(course, "ch01"))
+    # 1.2 reverted to the release stub: 0, although the installed library holds the reference.
+    cells["embed_tokens"].source = stub["embed_tokens"].source
+    # 1.3 falls back on "the library's own version": in the grader that is the stub, so 0.
+    cells["resize_pos_embed"].source = _with_body(cells["resize_pos_embed"].source, [
+        "    from vitseg_lab.exercises import _ORIGINALS",
+        '    return _ORIGINALS[("vitseg_lab.attention", "resize_pos_embed")](pos_embed, old_grid,'
+        " new_grid)",
+    ])
+    # 1.4 wrong (overflows) and every comparison the visible tests use patched to pass: the hidden
+    # check compares in a fresh process, so 0.
+    cells["softmax"].source = _with_body(cells["softmax"].source, [
+        "    e = torch.exp(logits)",
+        "    return e / e.sum(dim=dim, keepdim=True)",
+        "",
+        "",
+        "import numpy as np",
+        "torch.allclose = lambda *a, **k: True",
+        "torch.testing.assert_close = lambda *a, **k: None",
+        "torch.equal = lambda *a, **k: True",
+        "torch.isfinite = lambda x: torch.ones_like(x, dtype=torch.bool)",
+        "np.allclose = lambda *a, **k: True",
+    ])
+    # 1.1's test cell deleted: put back and graded (10).
+    nb.cells.remove(cells["patchify_test"])
+    # 1.5's solution and test cells copy-pasted (new cell ids, as JupyterLab does): graded once.
+    for gid in ("multi_head_attention", "multi_head_attention_test"):
+        dup = copy.deepcopy(cells[gid])
+        dup["id"] = f"copy-{gid}".replace("_", "-")
+        nb.cells.insert(nb.cells.index(cells[gid]) + 1, dup)
+    # A forgotten infinite loop in a scratch cell: times out, the rest is graded.
+    first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    nb.cells.insert(first_code + 1, nbformat.v4.new_code_cell("while True:\n    pass"))
+    # Which library does the grading kernel import?
+    nb.cells.append(nbformat.v4.new_code_cell(
+        'import vitseg_lab\nprint("LIBRARY", vitseg_lab.__file__)'))
+    pts = g.exercise_points(course, "ch01")
+    expected = {}
+    for sol, tests in pts.items():
+        for test, p in tests.items():
+            expected[test] = 0.0 if sol in ("embed_tokens", "resize_pos_embed", "softmax") else p
+    return nb, expected
+
+
+@pytest.fixture(scope="session")
+def course(tmp_path_factory) -> Course:
+    root = tmp_path_factory.mktemp("grading") / "course"
+    assignments = g.build_course(root)
+    return Course(root=root, assignments=assignments)
+
+
+@pytest.fixture(scope="session")
+def graded(course: Course) -> Course:
+    """Every demo learner in every chapter, plus the tamper learner in chapter 01, autograded;
+    feedback generated."""
+    root = course.root
+    for a in course.assignments:
+        g.submit(root, "demo-reference", a, g.reference_submission(root, a))
+        g.submit(root, "demo-empty", a, g.empty_submission(root, a))
+        g.submit(root, "demo-buggy", a, g.buggy_submission(root, a)[0])
+    if "ch01" in course.assignments:
+        nb, course.expected_tamper = tamper_ch01(root)
+        g.submit(root, TAMPER, "ch01", nb)
+    env = {"PYTHONPATH": str(ROOT), "VITSEG_CELL_TIMEOUT": str(TAMPER_CELL_TIMEOUT)}
+    for a in course.assignments:
+        t0 = time.perf_counter()
+        g.autograde(root, a, "*", env=env)
+        course.timings[a] = time.perf_counter() - t0
+        g.nbgrader(root, "generate_feedback", a, "--force", capture=True)
+    return course
+
+
+@pytest.fixture(scope="session")
+def student_edition(course: Course, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "student"
+    st.build_student(out, course.root, rebuild=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def secrets():
+    return g.secret_lines()
+
