@@ -41,6 +41,7 @@ GRADING = ROOT / "grading"
 NOTEBOOKS = Path(os.environ.get("VITSEG_NOTEBOOKS_DIR", ROOT / "notebooks")).resolve()
 DEFAULT_COURSE = GRADING / "course"
 DEMO_COURSE = ROOT / "dist" / "grade-demo"
+BENCH_COURSE = ROOT / "dist" / "grade-bench"
 COURSE_FILES = ("nbgrader_config.py", "vitseg_nbgrader.py", "kernel_guard.py")
 _CHAPTER = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -680,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.grading", description=__doc__.splitlines()[0])
     ap.add_argument("--course", type=Path, default=None,
                     help=f"course folder (default {DEFAULT_COURSE.relative_to(ROOT)}; "
-                         f"demo/bench: {DEMO_COURSE.relative_to(ROOT)})")
+                         f"demo: {DEMO_COURSE.relative_to(ROOT)}; bench: "
+                         f"{BENCH_COURSE.relative_to(ROOT)})")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="generate source/ and release/ for every chapter notebook")
     p = sub.add_parser("collect", help="copy a folder of learner notebooks into submitted/")
@@ -701,8 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args(argv)
 
-    demo_like = a.cmd in ("demo", "bench")
-    course = (a.course or (DEMO_COURSE if demo_like else DEFAULT_COURSE)).resolve()
+    default = {"demo": DEMO_COURSE, "bench": BENCH_COURSE}.get(a.cmd, DEFAULT_COURSE)
+    course = (a.course or default).resolve()
     if a.cmd == "build":
         for aid, nb in build_course(course).items():
             print(f"{aid}: source/{aid}/{nb.name} -> release/{aid}/")
@@ -751,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "bench":
         res = bench(course, a.repeats)
         print(json.dumps(res, indent=1))
+        totals = [r["total"] for r in res["runs"].values()]
+        print(f"autograding one learner's course ({len(chapter_notebooks())} chapters): "
+              f"{min(totals):.0f} s (best of {len(totals)}; budget 180 s; "
+              f"{res['cpus']} CPUs, load {res['load']:.1f})")
     return 0
 
 

@@ -113,7 +113,8 @@ def mask_explorer(model, dataset, class_names: list[str], index: int = 0) -> W.V
     scene = W.IntSlider(value=index, min=0, max=len(dataset) - 1, description="scene")
     token = W.Dropdown(options=[(f"{k}: {n}", k) for k, n in enumerate(class_names)],
                        value=1 if K > 1 else 0, description="class token")
-    stage = W.Dropdown(options=[(f"{s + 1} (ViT block {b})", s) for s, b in enumerate(layers)],
+    stage = W.Dropdown(options=[(f"{s + 1} (ViT block {b + 1})", s)
+                                for s, b in enumerate(layers)],
                        value=len(layers) - 1, description="stage")
     out = W.Output()
     box = W.VBox([W.HBox([scene, token, stage]), out])

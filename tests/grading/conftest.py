@@ -23,7 +23,7 @@ from tools import student as st
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = g.DEMO_STUDENTS
 TAMPER = "tamper"
-TAMPER_CELL_TIMEOUT = 25           # seconds per cell for this run (the infinite loop costs one)
+TAMPER_CELL_TIMEOUT = 20           # seconds per cell for this run (the infinite loop costs one)
 
 
 @dataclass

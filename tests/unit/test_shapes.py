@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+
+import numpy as np
 import time
 
 import pytest
@@ -400,3 +402,23 @@ def test_generation_is_fast():
     for i in range(64):
         ds[i]
     assert time.perf_counter() - start < 5.0
+
+
+def test_shape_textures_mark_each_shape_and_can_be_turned_off():
+    from vitseg_lab.data.shapes import TEXTURES
+
+    xx, yy = np.meshgrid(np.arange(8) + 0.5, np.arange(8) + 0.5)
+    patterns = {name: f(xx, yy) for name, f in TEXTURES.items()}
+    assert not patterns["circle"].any()
+    for a in patterns:                       # every 8x8 patch pattern differs between shapes
+        for b in patterns:
+            if a != b:
+                assert (patterns[a] != patterns[b]).any(), (a, b)
+    ds = ShapeScenes(8, seed=3, shapes=("square",), colors=("red",), max_objects=1)
+    plain = ShapeScenes(8, seed=3, shapes=("square",), colors=("red",), max_objects=1,
+                        shape_texture=False)
+    for i in range(4):
+        m = ds[i]["instance_masks"][0]
+        assert torch.equal(m, plain[i]["instance_masks"][0])     # texture changes pixels only
+        red = ds[i]["image"][0][m]
+        assert red.std() > 2 * plain[i]["image"][0][m].std()    # stripes add variation

@@ -1,0 +1,417 @@
+"""A JupyterLab server and a notebook page, driven the way a learner drives them.
+
+``LabServer`` starts ``jupyter-lab`` from this interpreter's environment on a free loopback port,
+in a throw-away folder (settings, workspaces, runtime and config directories all inside it, so
+the learner's own ``~/.jupyter`` never leaks in), and stops it — and any kernel it left — by
+process id. ``Notebook`` wraps a Playwright page holding one open notebook: run all cells, read
+prompts and outputs, drive ipywidgets controls, add a cell, press nbgrader's Validate button.
+
+Every wait has a timeout; nothing sleeps for a fixed time except short polling intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM = Path(os.environ.get("VITSEG_E2E_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--disable-extensions", "--no-first-run", "--mute-audio"]
+VIEWPORT = {"width": 1400, "height": 1000}
+
+# Lab settings for a deterministic page: no news/update toast over the page, every cell
+# rendered (no virtual scrolling, so off-screen outputs exist in the DOM), no autosave.
+LAB_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
+        {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings":
+        {"windowingMode": "none"},
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings":
+        {"autosave": False},
+}
+
+ERROR_MIME = "application/vnd.jupyter.error"
+STDERR_MIME = "application/vnd.jupyter.stderr"
+
+
+class LabError(AssertionError):
+    """Something the learner would see go wrong (a test failure, with the server log tail)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ===================================================================================== server
+
+@dataclass
+class LabServer:
+    """``jupyter-lab`` serving ``root`` (its working folder too: nbgrader's Validate handler
+    reads ``nbgrader_config.py`` from there, as it does when a learner runs ``make lab``)."""
+
+    root: Path
+    home: Path                       # throw-away: settings/, workspaces/, runtime/, config/, lab.log
+    env: dict = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "lab.log"
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 90) -> LabServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        for rel, value in LAB_SETTINGS.items():
+            p = self.home / "settings" / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(value))
+        for d in ("workspaces", "runtime", "config", "data"):
+            (self.home / d).mkdir(exist_ok=True)
+        bindir = str(Path(sys.executable).parent)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("JUPYTER", "NBGRADER_", "PYTEST_", "VITSEG_"))
+               and k not in ("PYTHONPATH", "MPLBACKEND")}
+        env.update(
+            PATH=os.pathsep.join([bindir, env.get("PATH", "")]),
+            JUPYTERLAB_SETTINGS_DIR=str(self.home / "settings"),
+            JUPYTERLAB_WORKSPACES_DIR=str(self.home / "workspaces"),
+            JUPYTER_RUNTIME_DIR=str(self.home / "runtime"),
+            JUPYTER_CONFIG_DIR=str(self.home / "config"),   # not the user's ~/.jupyter
+            VITSEG_SCALE="quick",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.env)
+        self.port = free_port()
+        cmd = [os.path.join(bindir, "jupyter-lab"), "--no-browser", "--ip", "127.0.0.1",
+               "--port", str(self.port), "--ServerApp.port_retries=0",
+               "--IdentityProvider.token=", "--ServerApp.password=",
+               "--allow-root", f"--ServerApp.root_dir={self.root}"]
+        log = open(self.log_path, "wb")
+        try:
+            # A simple command, not a shell: self.proc.pid is the server itself.
+            self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LabError(f"jupyter-lab exited with {self.proc.returncode}:\n"
+                               f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/status", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise LabError(f"jupyter-lab did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM the server (it shuts its kernels down), then SIGKILL whatever of it and of its
+        kernels is still alive — each by its own pid."""
+        if self.proc is None:
+            return
+        try:
+            import psutil
+
+            try:
+                children = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                children = []
+        except ImportError:                  # psutil comes with ipykernel; be safe anyway
+            psutil, children = None, []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if psutil is not None:
+            _gone, alive = psutil.wait_procs(children, timeout=5)
+            for child in alive:
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
+        self.proc = None
+
+
+# =================================================================================== notebook
+
+def _digest(png: bytes) -> str:
+    return hashlib.sha1(png).hexdigest()[:12]
+
+
+class Notebook:
+    """One notebook open in JupyterLab, in a Playwright page."""
+
+    def __init__(self, page, server: LabServer, path: str, shots: Path):
+        self.page = page
+        self.server = server
+        self.path = path
+        self.shots = shots
+        self.name = Path(path).stem
+        self.console: list[str] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}")
+                if m.type in ("error",) else None)
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+
+    # ---------------------------------------------------------------------------- basics
+
+    @property
+    def panel(self):
+        return self.page.locator(".jp-NotebookPanel").filter(visible=True).first
+
+    @property
+    def cells(self):
+        return self.panel.locator(".jp-Notebook .jp-Cell")
+
+    @property
+    def code_cells(self):
+        return self.panel.locator(".jp-Notebook .jp-CodeCell")
+
+    def shot(self, label: str, locator=None) -> bytes:
+        path = self.shots / f"{self.name}--{label}.png"
+        png = (locator or self.page).screenshot(path=str(path), timeout=30_000)
+        return png
+
+    def fail(self, msg: str) -> LabError:
+        try:
+            self.shot("FAILURE")
+        except Exception:               # noqa: BLE001 - a failure screenshot is best effort
+            pass
+        console = "\n".join(self.console[-20:])
+        return LabError(f"{self.name}: {msg}\n--- browser console (errors) ---\n{console}\n"
+                        f"--- jupyter-lab log (tail) ---\n{self.server.log_tail(3000)}")
+
+    def open(self, timeout: float = 120) -> Notebook:
+        self.page.goto(f"{self.server.url}/lab/tree/{self.path}", timeout=timeout * 1000)
+        self.wait_kernel_idle(timeout)
+        self.code_cells.first.wait_for(timeout=timeout * 1000)
+        return self
+
+    def kernel_status(self) -> str | None:
+        ind = self.page.locator(".jp-Notebook-ExecutionIndicator").first
+        if ind.count() == 0:
+            return None
+        return ind.get_attribute("data-status")
+
+    def wait_kernel_idle(self, timeout: float) -> None:
+        try:
+            self.page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first \
+                .wait_for(timeout=timeout * 1000)
+        except Exception as e:          # noqa: BLE001 - Playwright's TimeoutError
+            raise self.fail(f"kernel not idle within {timeout:.0f} s "
+                            f"(status {self.kernel_status()!r})") from e
+
+    def prompts(self) -> list[str]:
+        return [t.strip() for t in self.code_cells.locator(".jp-InputPrompt").all_inner_texts()]
+
+    # ---------------------------------------------------------------------------- running
+
+    def command(self, label: str, menu: str = "Run") -> None:
+        """Click a main-menu item (``Run > Run All Cells``), as a learner does."""
+        self.page.locator(".lm-MenuBar-item", has_text=re.compile(f"^{menu}$")).first.click()
+        item = self.page.locator(".lm-Menu-item:not(.lm-mod-disabled)",
+                                 has=self.page.locator(".lm-Menu-itemLabel",
+                                                       has_text=re.compile(f"^{label}$")))
+        item.first.click(timeout=10_000)
+
+    def run_all(self, timeout: float) -> float:
+        """Run > Run All Cells, then wait until every code cell has an execution count and the
+        kernel is idle. Returns the seconds it took."""
+        n = self.code_cells.count()
+        t0 = time.monotonic()
+        self.command("Run All Cells")
+        deadline = t0 + timeout
+        numbered = re.compile(r"^\[\d+\]:$")
+        last = ""
+        self.cell_seconds = {}
+        while time.monotonic() < deadline:
+            prompts = self.prompts()
+            done = sum(1 for p in prompts if numbered.match(p))
+            for i, p in enumerate(prompts):      # when each cell finished (a coarse timing)
+                if numbered.match(p) and i not in self.cell_seconds:
+                    self.cell_seconds[i] = round(time.monotonic() - t0, 1)
+            last = f"{done}/{n} cells numbered, kernel {self.kernel_status()!r}"
+            if done == n and self.kernel_status() == "idle":
+                # the last prompt can be numbered before its outputs arrive: settle once more
+                time.sleep(0.5)
+                if self.kernel_status() == "idle":
+                    return time.monotonic() - t0
+            if self.error_outputs():
+                break                     # an error stops Run All: report it at once
+            time.sleep(1.0)
+        errors = self.error_outputs()
+        if errors:
+            raise self.fail(f"Run All stopped on an error: {errors[0][:2000]}")
+        raise self.fail(f"Run All not finished after {timeout:.0f} s ({last})")
+
+    def error_outputs(self) -> list[str]:
+        return self.panel.locator(
+            f".jp-OutputArea-output[data-mime-type='{ERROR_MIME}']").all_inner_texts()
+
+    def stderr_outputs(self) -> list[str]:
+        return self.panel.locator(
+            f".jp-OutputArea-output[data-mime-type='{STDERR_MIME}']").all_inner_texts()
+
+    def cell_with(self, text: str):
+        """The code cell whose source contains ``text`` (exactly one)."""
+        cell = self.code_cells.filter(has=self.page.locator(".jp-InputArea-editor",
+                                                            has_text=text))
+        if cell.count() != 1:
+            raise self.fail(f"expected one code cell containing {text!r}, found {cell.count()}")
+        return cell.first
+
+    def append_cell(self, source: str):
+        """Add a code cell at the end (command mode, 'b' below the last cell), type ``source``
+        and run it in place; returns the cell."""
+        n = self.code_cells.count()
+        last = self.cells.last
+        last.scroll_into_view_if_needed()
+        last.locator(".jp-Cell-inputWrapper, .jp-InputArea").first.click()
+        self.page.keyboard.press("Escape")
+        self.page.keyboard.press("b")
+        try:
+            self.page.wait_for_function(
+                "n => [...document.querySelectorAll('.jp-NotebookPanel')]"
+                ".filter(p => p.checkVisibility())"
+                ".some(p => p.querySelectorAll('.jp-Notebook .jp-CodeCell').length > n)",
+                arg=n, timeout=10_000)
+        except Exception as e:          # noqa: BLE001
+            raise self.fail("pressing 'b' in command mode added no cell") from e
+        cell = self.code_cells.nth(n)
+        cell.locator(".cm-content").click()
+        # insert_text: no auto-indentation or bracket closing from the editor
+        self.page.keyboard.insert_text(source)
+        return cell
+
+    def run_cell(self, cell, timeout: float = 60) -> str:
+        """Run ``cell`` in place (Ctrl+Enter) and return its output text once its prompt shows a
+        new execution count and the kernel is idle."""
+        before = cell.locator(".jp-InputPrompt").inner_text().strip()
+        cell.locator(".cm-content").click()
+        self.page.keyboard.press("Control+Enter")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = cell.locator(".jp-InputPrompt").inner_text().strip()
+            if re.match(r"^\[\d+\]:$", p) and p != before and self.kernel_status() == "idle":
+                return cell.locator(".jp-OutputArea").inner_text()
+            time.sleep(0.3)
+        raise self.fail(f"cell did not finish within {timeout:.0f} s: "
+                        f"{cell.locator('.jp-InputArea-editor').inner_text()[:200]!r}")
+
+    # ---------------------------------------------------------------------------- widgets
+
+    def widget_area(self, cell):
+        """The rendered widget view of ``cell`` (its output area)."""
+        area = cell.locator(".jp-OutputArea").first
+        try:
+            area.locator(".widget-vbox").first.wait_for(timeout=60_000)
+        except Exception as e:          # noqa: BLE001
+            raise self.fail("the explorer widget did not render (no .widget-vbox in the cell's "
+                            "output; is ipywidgets' lab extension loaded?)") from e
+        return area
+
+    def figure(self, area, timeout: float = 60):
+        """The figure image inside the explorer's Output widget, once drawn."""
+        img = area.locator(".widget-output img").first
+        try:
+            img.wait_for(timeout=timeout * 1000)
+        except Exception as e:          # noqa: BLE001
+            raise self.fail("the explorer's figure did not appear in its Output widget") from e
+        return img
+
+    def control(self, area, kind: str, label: str):
+        """An ipywidgets control by type and description label: kind is one of
+        'slider', 'dropdown', 'toggle'."""
+        cls = {"slider": ".widget-hslider", "dropdown": ".widget-dropdown",
+               "toggle": ".widget-toggle-buttons"}[kind]
+        box = area.locator(cls).filter(
+            has=self.page.locator(".widget-label", has_text=re.compile(f"^{re.escape(label)}$")))
+        if box.count() != 1:
+            raise self.fail(f"expected one {kind} labelled {label!r}, found {box.count()}")
+        return box.first
+
+    def slider_value(self, slider) -> str:
+        return slider.locator(".widget-readout").inner_text().strip()
+
+    def press_slider(self, slider, key: str, times: int = 1) -> None:
+        handle = slider.locator(".noUi-handle").first
+        handle.scroll_into_view_if_needed()
+        handle.focus()
+        for _ in range(times):
+            self.page.keyboard.press(key)
+
+    def wait_image_change(self, area, before: bytes, label: str, timeout: float = 60) -> bytes:
+        """Poll screenshots of the explorer's output area until they differ from ``before``
+        (the kernel redrew the figure), then give the figure a moment to finish loading."""
+        deadline = time.monotonic() + timeout
+        img_src = None
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if self.kernel_status() != "idle":
+                continue
+            img = area.locator(".widget-output img")
+            if img.count() == 0:
+                continue               # cleared (clear_output(wait=True)) and not yet redrawn
+            src = img.first.get_attribute("src") or ""
+            if src == img_src:
+                png = area.screenshot(timeout=30_000)
+                if png != before:
+                    path = self.shots / f"{self.name}--{label}.png"
+                    path.write_bytes(png)
+                    return png
+            img_src = src              # require two polls with the same image: drawing is done
+        raise self.fail(f"the explorer's figure did not change within {timeout:.0f} s "
+                        f"after {label}")
+
+    # ---------------------------------------------------------------------------- nbgrader
+
+    def validate(self, timeout: float) -> tuple[bool, str]:
+        """Press nbgrader's Validate toolbar button; return (success, dialog text) and close the
+        dialog. The button saves the notebook first (into the throw-away copy)."""
+        button = self.panel.locator(".jp-Toolbar").get_by_role("button", name="Validate")
+        try:
+            button.first.wait_for(timeout=30_000)
+        except Exception as e:          # noqa: BLE001
+            raise self.fail("no Validate button in the notebook toolbar (nbgrader's lab "
+                            "extension not loaded?)") from e
+        button.first.click()
+        dialog = self.page.locator(".jp-Dialog").filter(has_text="Validation")
+        try:
+            dialog.first.wait_for(timeout=timeout * 1000)
+        except Exception as e:          # noqa: BLE001
+            raise self.fail(f"no validation dialog within {timeout:.0f} s") from e
+        msg = dialog.first.locator("#validation-message")
+        text = dialog.first.inner_text()
+        ok = msg.count() == 1 and "validation-success" in (msg.get_attribute("class") or "")
+        self.shot("validate")
+        dialog.first.get_by_role("button", name=re.compile("^(Ok|OK)$")).first.click()
+        dialog.first.wait_for(state="detached", timeout=10_000)
+        return ok, text
