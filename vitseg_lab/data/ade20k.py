@@ -29,8 +29,7 @@ from .common import (
     apply_transform,
     check_choice,
     locate,
-    read_image,
-    read_label_png,
+    read_image_and_label,
 )
 
 __all__ = ["ADE20K", "ADE20K_CLASSES", "reduce_zero_label"]
@@ -154,13 +153,7 @@ class ADE20K(Dataset):
         return self.ann_dir / f"{self.names[i]}.png"
 
     def __getitem__(self, i: int) -> dict:
-        image = read_image(self.image_path(i))
-        label = read_label_png(self.label_path(i))
-        if label.shape != tuple(image.shape[-2:]):
-            raise DataFormatError(
-                f"{self.label_path(i)} is {label.shape[0]}x{label.shape[1]} but its image is "
-                f"{image.shape[-2]}x{image.shape[-1]}; the annotation does not belong to the image."
-            )
+        image, label = read_image_and_label(self.image_path(i), self.label_path(i))
         if self.reduce_zero_label:
             label = reduce_zero_label(label)
         sample = {

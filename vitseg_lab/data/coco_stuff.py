@@ -38,8 +38,7 @@ from .common import (
     check_choice,
     data_root,
     download_hint,
-    read_image,
-    read_label_png,
+    read_image_and_label,
     read_lines,
     save_label_png,
 )
@@ -163,13 +162,7 @@ class COCOStuff10K(Dataset):
         return self.ann_dir / self._label_files[self.names[i]]
 
     def __getitem__(self, i: int) -> dict:
-        image = read_image(self.image_path(i))
-        label = read_label_png(self.label_path(i))
-        if label.shape != tuple(image.shape[-2:]):
-            raise DataFormatError(
-                f"{self.label_path(i)} is {label.shape[0]}x{label.shape[1]} but its image is "
-                f"{image.shape[-2]}x{image.shape[-1]}; the mask does not belong to the image."
-            )
+        image, label = read_image_and_label(self.image_path(i), self.label_path(i))
         if self.reduce_zero_label:
             label = reduce_zero_label(label)
         sample = {

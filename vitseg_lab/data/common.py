@@ -180,6 +180,25 @@ def read_image(path: str | os.PathLike) -> tv_tensors.Image:
     return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
 
 
+def read_image_and_label(image_path: str | os.PathLike, label_path: str | os.PathLike):
+    """Read an image and its label PNG, and check that they are the same size.
+
+    Returns:
+        ``(image, label)``: what :func:`read_image` and :func:`read_label_png` return.
+
+    Raises:
+        DataFormatError: the two sizes differ (the annotation does not belong to the image).
+    """
+    image = read_image(image_path)
+    label = read_label_png(label_path)
+    if label.shape != tuple(image.shape[-2:]):
+        raise DataFormatError(
+            f"{label_path} is {label.shape[0]}x{label.shape[1]} but its image is "
+            f"{image.shape[-2]}x{image.shape[-1]}; the annotation does not belong to the image."
+        )
+    return image, label
+
+
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """Read a label PNG whose pixel values are class indices.
 

@@ -40,7 +40,7 @@ from .common import (
     check_choice,
     data_root,
     locate,
-    read_image,
+    read_image_and_label,
     read_label_png,
     read_lines,
     save_label_png,
@@ -200,13 +200,7 @@ class VOCAug(Dataset):
         return self.label_dir / f"{self.names[i]}.png"
 
     def __getitem__(self, i: int) -> dict:
-        image = read_image(self.image_path(i))
-        label = read_label_png(self.label_path(i))
-        if label.shape != tuple(image.shape[-2:]):
-            raise DataFormatError(
-                f"{self.label_path(i)} is {label.shape[0]}x{label.shape[1]} but its image is "
-                f"{image.shape[-2]}x{image.shape[-1]}; the mask does not belong to the image."
-            )
+        image, label = read_image_and_label(self.image_path(i), self.label_path(i))
         labels = image_labels(label, str(self.label_path(i)))
         h, w = label.shape
         sample = {
