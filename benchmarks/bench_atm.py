@@ -106,7 +106,7 @@ def best_of(fn, repeats: int) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a fair ratio)")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16, help="the quick-scale training batch")
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--grid", type=int, default=8, help="h = w of the token grid")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")

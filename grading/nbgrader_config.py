@@ -15,7 +15,7 @@ c = get_config()  # noqa: F821
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import vitseg_nbgrader as hooks  # noqa: E402  (course-local module, copied next to this file)
+import vitseg_nbgrader as hooks  # course-local module, copied next to this file
 
 c.CourseDirectory.root = HERE
 c.CourseDirectory.course_id = os.environ.get("VITSEG_COURSE_ID", "vitseg-lab")

@@ -220,7 +220,7 @@ def _dotted(node: ast.AST) -> str:
 
 
 class _Scanner(ast.NodeVisitor):
-    def __init__(self, aliases: dict[str, str], test_names: set[str]):
+    def __init__(self, aliases: dict[str, str], test_names: dict[str, str]):
         self.aliases = dict(aliases)         # local name -> module it names (from imports)
         self.test_names = test_names         # module names the locked cells rely on
         self.findings: list[tuple[int, str]] = []
@@ -353,9 +353,9 @@ class _Scanner(ast.NodeVisitor):
                                                         "__setitem__", "__delitem__"):
                 self.flag(node, f"changes os.environ ({fn.attr})")
             if fn.attr in ("set_custom_exc", "register_magic_function", "run_cell",
-                           "showtraceback", "_showtraceback", "register"):
-                if "get_ipython" in owner or "atexit" in owner:
-                    self.flag(node, f"hooks into IPython: {owner}.{fn.attr}()")
+                           "showtraceback", "_showtraceback", "register") and (
+                    "get_ipython" in owner or "atexit" in owner):
+                self.flag(node, f"hooks into IPython: {owner}.{fn.attr}()")
         self.generic_visit(node)
 
 
@@ -451,9 +451,8 @@ def preflight_notebook_file(path: str, release: nbformat.NotebookNode, originals
     before = nbformat.writes(nb)
     issues = fix_structure(nb, release)
     findings = scan_notebook(nb, release)
-    learner = [i for i in issues]
-    if learner:
-        nb.cells.insert(0, _note_cell(learner))
+    if issues:                                       # every repair is explained to the learner
+        nb.cells.insert(0, _note_cell(issues))
     after = nbformat.writes(nb)
     if after != before:
         os.makedirs(originals, exist_ok=True)
@@ -598,7 +597,7 @@ def scrub_outputs(cell: dict, secrets: list[str]) -> int:
 class ScrubHiddenTracebacks(_Base):  # type: ignore[misc,valid-type]
     """Feedback preprocessor (before ClearHiddenTests): no output may quote a hidden line."""
 
-    def preprocess_cell(self, cell, resources, cell_index):  # noqa: D401
+    def preprocess_cell(self, cell, resources, cell_index):
         if cell.get("cell_type") == "code" and HIDDEN_BEGIN in _source(cell):
             scrub_outputs(cell, [s for s in hidden_lines(_source(cell)) if len(s) >= 4])
         return cell, resources

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import glob
 import json
 import os
 import re

@@ -43,7 +43,16 @@ def function_source(module: str, name: str) -> str:
     for node in ast.parse(text).body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
             lines = text.splitlines()
-            return "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            end = node.end_lineno
+            body = "\n".join(lines[node.lineno - 1 : end])
+            # The closing marker is a comment after the last statement, outside the AST node.
+            if "### BEGIN SOLUTION" in body and "### END SOLUTION" not in body:
+                while end < len(lines) and "### END SOLUTION" not in lines[end]:
+                    end += 1
+                if end == len(lines):
+                    raise SystemExit(f"{path}: {name} has BEGIN SOLUTION but no END SOLUTION")
+                end += 1
+            return "\n".join(lines[node.lineno - 1 : end])
     raise SystemExit(f"{path}: no top-level function {name!r} (named by a [solution] cell)")
 
 

@@ -48,10 +48,10 @@ class StripError(SystemExit):
 def _enclosing_function(tree: ast.Module, lineno: int) -> ast.FunctionDef | None:
     best = None
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if node.lineno <= lineno <= (node.end_lineno or node.lineno):
-                if best is None or node.lineno > best.lineno:
-                    best = node                   # innermost
+        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.lineno <= lineno <= (node.end_lineno or node.lineno)
+                and (best is None or node.lineno > best.lineno)):
+            best = node                           # innermost
     return best
 
 
@@ -231,6 +231,9 @@ $(STAMP):
 \t$(PYTHON) -m venv $(VENV)
 \t$(PY) -m pip install -q --upgrade pip
 \t$(PY) -m pip install -q -e '.[dev]'
+\t# learners need nbgrader's Validate button, not the instructor's panels
+\t$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader:formgrader \\
+\t    @jupyter/nbgrader:create-assignment @jupyter/nbgrader:course-list
 \ttouch $(STAMP)
 
 venv: $(STAMP)
@@ -294,6 +297,8 @@ def build_student(out: Path, course: Path, *, rebuild: bool = True) -> Path:
         shutil.copy(ROOT / "data" / "README.md", out / "data" / "README.md")
     (out / "README.md").write_text(_README.format(table="\n".join(rows)))
     (out / "Makefile").write_text(_MAKEFILE)
+    (out / ".gitignore").write_text(".venv/\n__pycache__/\n*.pyc\n.ipynb_checkpoints/\n"
+                                    "data/*\n!data/README.md\nruns/\n*.egg-info/\n")
     cell, long = grading.cell_budgets()
     (out / "nbgrader_config.py").write_text(_NBGRADER_CONFIG.format(cell=cell, long=long))
     return out

@@ -166,9 +166,18 @@ def expect_shape(t: Any, spec: str, *, name: str = "tensor", **sizes: int) -> An
 
 
 def _short_exercise_traceback(shell, etype, value, tb, tb_offset=None):
-    """IPython handler: show an unfinished exercise as one line, not a traceback into the library."""
-    print(f"{etype.__name__}: {value}", file=sys.stderr)
-    return [f"{etype.__name__}: {value}"]
+    """IPython handler: show an unfinished exercise as one line, not a traceback into the library.
+
+    The line is sent as the cell's error output (so the cell still fails, and nbgrader's
+    Validate shows the message instead of an empty traceback).
+    """
+    stb = [f"{etype.__name__}: {value}"]
+    show = getattr(shell, "_showtraceback", None)
+    if show is not None:
+        show(etype, value, stb)
+    else:
+        print(stb[0], file=sys.stderr)
+    return stb
 
 
 def install_notebook_hooks() -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NOTEBOOK", "sigmoid_focal_loss", "dice_loss", "atm_loss"]
+__all__ = ["NOTEBOOK", "atm_loss", "dice_loss", "sigmoid_focal_loss"]
 
 NOTEBOOK = "notebooks/03_segvit_atm.ipynb"
 

@@ -18,23 +18,41 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import losses
 from .exercises import expect_shape
 from .train import TrainConfig
 
 __all__ = [
-    "NOTEBOOK", "atm_similarity", "atm_mask_logits", "cascade_masks", "semantic_scores",
-    "query_downsample", "LayerTokens", "ATMDecoderLayer", "ATMHead", "ATMOutput", "SegViT",
-    "QDBlock", "QueryUpsampler", "ShrunkSegViT", "slide_inference", "SegViTConfig",
-    "build_segvit", "segvit_loss", "segvit_metrics", "run", "full_scale_check", "PAPER",
+    "NOTEBOOK",
+    "PAPER",
+    "ATMDecoderLayer",
+    "ATMHead",
+    "ATMOutput",
+    "LayerTokens",
+    "QueryUpsampler",
+    "SegViT",
+    "SegViTConfig",
+    "ShrunkSegViT",
+    "atm_mask_logits",
+    "atm_similarity",
+    "build_segvit",
+    "cascade_masks",
+    "full_scale_check",
+    "qd_block",
+    "query_downsample",
+    "run",
+    "segvit_loss",
+    "segvit_metrics",
+    "semantic_scores",
+    "slide_inference",
 ]
 
 NOTEBOOK = "notebooks/03_segvit_atm.ipynb"
@@ -328,7 +346,7 @@ def qd_block(blk: nn.Module, x: Tensor, grid: tuple[int, int], num_prefix: int
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
     x_q = torch.cat([prefix, query_downsample(patches, grid)], dim=1)    # (B, P + L', C)
     attn = blk.attn
-    B, N, C = x.shape
+    B = x.shape[0]
     nh, hd = attn.num_heads, attn.head_dim
     w_q, w_k, w_v = attn.qkv.weight.chunk(3)
     b_q, b_k, b_v = (attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None,) * 3)
@@ -372,7 +390,8 @@ class QueryUpsampler(nn.Module):
         self.decode_shallow, self.decode_deep = decoder(), decoder()
 
     def forward(self, shallow: Tensor, deep: Tensor, grid: tuple[int, int]) -> Tensor:
-        """shallow: (B, h*w, C) at 1/16, deep: (B, h'*w', C) at 1/32, grid: (h, w) -> (B, h*w, d)."""
+        """shallow: (B, h*w, C) at 1/16, deep: (B, h'*w', C) at 1/32, grid: (h, w)
+        -> (B, h*w, d)."""
         q = self.queries
         if tuple(grid) != self.grid:  # another input size: resample the query grid like a pos-embed
             q = q.T.reshape(1, -1, *self.grid)
@@ -511,6 +530,9 @@ class SegViTConfig:
     crop: int = 640                   # full scale: training crop and sliding window
     slide_stride: int = 608
     target: float = 0.80              # the mIoU the run is expected to reach (full: the paper's)
+    # CPU threads while training (None: leave torch's setting). The quick model's matmuls are too
+    # small to split: on a shared 2-core machine 2 threads ran 6x *slower* than 1 (spin-waiting).
+    num_threads: int | None = 1
     # From scratch, the ViT must learn shapes, not only colours, within a few hundred steps. It
     # does so suddenly (around step 200) and only with a high LR: at 2e-3 it stays near mIoU 0.3
     # (colours only) for 500 steps, 4e-3-5e-3 reaches 0.84-0.88 in 300, 6e-3+ is unstable. A
@@ -520,12 +542,12 @@ class SegViTConfig:
         poly_power=1.0, eval_every=0, log_every=25, grad_clip=1.0))
 
     @classmethod
-    def quick(cls) -> "SegViTConfig":
+    def quick(cls) -> SegViTConfig:
         """Tiny ViT from scratch on 64 x 64 ShapeScenes, CPU, well under a minute."""
         return cls()
 
     @classmethod
-    def smoke(cls) -> "SegViTConfig":
+    def smoke(cls) -> SegViTConfig:
         """What nbgrader runs: a few steps that prove the code path, not accuracy."""
         q = cls.quick()
         return replace(q, num_train=32, num_val=16, target=0.0,
@@ -533,7 +555,7 @@ class SegViTConfig:
                                      progress=False))
 
     @classmethod
-    def full(cls) -> "SegViTConfig":
+    def full(cls) -> SegViTConfig:
         """The paper's ViT-B/16 on ADE20K (METHODS.md §1.4): crop 640, 160k iterations, batch 16
         (2 per GPU on 8 GPUs; ``batch_size`` is per process), AdamW lr 2e-5, wd 0.01, poly 1.0,
         1,500 warmup, head lr x10, clip 35, drop-path 0.1, layers [5, 7, 11], d = C/2 = 384.
@@ -541,7 +563,7 @@ class SegViTConfig:
         return cls(model_name=FULL_MODEL, pretrained=True, img_size=640, patch_size=16,
                    embed_dim=768, depth=12, num_heads=12, drop_path=0.1, out_layers=(5, 7, 11),
                    head_dim=384, head_heads=12, layers_per_stage=3, dataset="ade20k",
-                   num_train=0, num_val=0, target=PAPER["vit_b_ade_miou_ss"],
+                   num_train=0, num_val=0, target=PAPER["vit_b_ade_miou_ss"], num_threads=None,
                    train=TrainConfig(steps=160_000, batch_size=16, lr=2e-5, weight_decay=0.01,
                                      warmup_steps=1500, schedule="poly", poly_power=1.0,
                                      grad_clip=35.0, eval_every=16_000, log_every=50,
@@ -549,7 +571,7 @@ class SegViTConfig:
                                      out_dir="runs/ch03_segvit_full"))
 
     @classmethod
-    def for_scale(cls, scale: str) -> "SegViTConfig":
+    def for_scale(cls, scale: str) -> SegViTConfig:
         presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
         if scale not in presets:
             raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
@@ -619,8 +641,8 @@ def quick_data(cfg: SegViTConfig):
     """ShapeScenes train / val splits (different seeds, no overlap)."""
     from .data.shapes import ShapeScenes
 
-    kw = dict(size=cfg.img_size, colors=cfg.colors, shapes=cfg.shapes,
-              min_objects=cfg.min_objects, max_objects=cfg.max_objects)
+    kw = {"size": cfg.img_size, "colors": cfg.colors, "shapes": cfg.shapes,
+              "min_objects": cfg.min_objects, "max_objects": cfg.max_objects}
     return ShapeScenes(cfg.num_train, seed=0, **kw), ShapeScenes(cfg.num_val, seed=1, **kw)
 
 
@@ -629,7 +651,9 @@ def full_scale_check(cfg: SegViTConfig | None = None) -> str | None:
     cfg = cfg or SegViTConfig.full()
     missing = []
     if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none found; run on a GPU machine)")
+        missing.append("a CUDA GPU (none found; on a GPU machine run `VITSEG_SCALE=full jupyter "
+                       "lab notebooks/03_segvit_atm.ipynb` or `torchrun --nproc_per_node 8 -m "
+                       "vitseg_lab.cli train segvit --scale full`)")
     from .backbone import weights_available
 
     if not weights_available(cfg.model_name):
@@ -673,10 +697,16 @@ def run(cfg: SegViTConfig) -> dict:
         raise ValueError(f"dataset={cfg.dataset!r}; use 'shapes' or 'ade20k'.")
     torch.manual_seed(cfg.train.seed)
     model = build_segvit(cfg, num_classes)
-    history = fit(model, train_ds, cfg.train,
-                  lambda m, b: segvit_loss(m, b, cfg=cfg),
-                  lambda m, loader: segvit_metrics(m, loader, cfg=cfg),
-                  val_data=val_ds, collate_fn=collate_fn)
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        history = fit(model, train_ds, cfg.train,
+                      lambda m, b: segvit_loss(m, b, cfg=cfg),
+                      lambda m, loader: segvit_metrics(m, loader, cfg=cfg),
+                      val_data=val_ds, collate_fn=collate_fn)
+    finally:
+        torch.set_num_threads(threads)
     metrics = history.final
     return {"model": model, "history": history, "metrics": metrics,
             "mIoU": metrics.get("mIoU", float("nan")), "target": cfg.target,

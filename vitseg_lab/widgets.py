@@ -139,11 +139,11 @@ def mask_explorer(model, dataset, class_names: list[str], index: int = 0) -> W.V
         logits = F.interpolate(res.mask_logits[s], size=image.shape[-2:], mode="bilinear",
                                align_corners=False)
         pred = segvit.semantic_scores(res.class_logits[s], logits)[0].argmax(0).cpu()
-        truth = torch.where(label == 255, 255, (label == k).long())
+        truth = torch.where(label == 255, 0.5, (label == k).float())   # ignore drawn half-way
         box.state.update(scene=scene.value, token=k, stage=s, sim=sim.clone(),
                          mask=mask.clone(), p_class=p_class)
         fig, axes = plt.subplots(1, 4, figsize=(11, 3.1))
-        viz.show_mask(image, truth, 2, axes[0], title=f"truth: {class_names[k]}")
+        viz.show_heatmap(image, truth, axes[0], vmin=0, vmax=1, title=f"truth: {class_names[k]}")
         lim = float(sim.abs().max()) or 1.0
         viz.show_heatmap(image, sim, axes[1], cmap="coolwarm", vmin=-lim, vmax=lim,
                          title=f"stage {s + 1} similarity (heads averaged)")

@@ -52,6 +52,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import vitseg_lab as vl
 from vitseg_lab import losses, plug, segvit, viz, widgets
@@ -123,23 +124,31 @@ _G.check_atm_similarity(atm_similarity)
 
 # %% [markdown]
 # Your similarity at work, before any training. Make "layer tokens" out of the image itself —
-# each 4×4 patch's mean colour (centred) — and "class tokens" out of the three colours, copied
-# into two heads. A class token is then most similar to the patches of its colour:
+# each 4×4 patch's mean colour (centred) and a constant 1 — and "class tokens" out of the three
+# colours (with −0.15 against the constant, a threshold), copied into two heads. A class token is
+# most similar to the patches of its colour (red = positive, blue = negative):
 
 # %%
 def colour_tokens(image, patch):
-    """(3, H, W) -> layer tokens (1, L, 6): mean colour per patch, centred, in 2 heads."""
+    """(3, H, W) -> layer tokens (1, L, 8): [mean colour - 0.5, 1] per patch, in 2 heads."""
     rgb = F.avg_pool2d(image[None], patch).flatten(2).transpose(1, 2) - 0.5
-    return torch.cat([rgb, rgb], dim=-1)
+    one = torch.cat([rgb, torch.ones_like(rgb[..., :1])], dim=-1)
+    return torch.cat([one, one], dim=-1)
+
+def show_maps(maps, titles, **kw):
+    fig, axes = plt.subplots(1, len(maps), figsize=(2.4 * len(maps), 2.5))
+    for ax, m, t in zip(axes, maps, titles):
+        viz.show_heatmap(image, m, ax, title=t, **kw)
+    plt.show()
 
 toy_names = ["background"] + list(cfg.colors)
-protos = torch.tensor([[0.5, 0.5, 0.5]] + [COLORS[c] for c in cfg.colors]) - 0.5
-toy_queries = 12 * torch.cat([protos, protos], dim=-1)[None]     # (1, 4, 6); background = 0
+protos = torch.tensor([COLORS[c] for c in cfg.colors]) - 0.5
+colour_q = torch.cat([protos, torch.full((len(protos), 1), -0.15)], dim=-1)
+toy_queries = 12 * torch.cat([torch.zeros(1, 8), torch.cat([colour_q, colour_q], -1)])[None]
 image = scenes[0]["image"]
-toy_sim = atm_similarity(toy_queries, colour_tokens(image, 4), 2)  # (1, 2, 4, 256)
-viz.attention_grid(image, toy_sim[0, 0, 1:].reshape(-1, 16, 16),
-                   [f"'{c}' token, head 0" for c in cfg.colors], ncols=3)
-plt.show()
+toy_sim = atm_similarity(toy_queries, colour_tokens(image, 4), 2)    # (1, 2, 4, 256)
+show_maps(toy_sim[0, 0, 1:].reshape(-1, 16, 16), [f"'{c}' token, head 0" for c in cfg.colors],
+          cmap="coolwarm", vmin=-6, vmax=6)
 
 # %% [markdown]
 # ## 3.2 The mask: pre-softmax logits, averaged over heads
@@ -185,9 +194,7 @@ _G.check_atm_mask_logits(atm_mask_logits)
 
 # %%
 toy_masks = atm_mask_logits(toy_sim, (16, 16))                      # (1, 4, 16, 16)
-viz.attention_grid(image, toy_masks[0, 1:].sigmoid(), [f"mask of '{c}'" for c in cfg.colors],
-                   ncols=3)
-plt.show()
+show_maps(toy_masks[0, 1:].sigmoid(), [f"mask of '{c}'" for c in cfg.colors], vmin=0, vmax=1)
 
 # %% [markdown]
 # ## 3.3 The cascade
@@ -230,9 +237,8 @@ _G.check_cascade_masks(cascade_masks)
 stages = [atm_mask_logits(atm_similarity(toy_queries, colour_tokens(image, p), 2),
                           (64 // p, 64 // p)) / 3 for p in (16, 8, 4)]
 acc = cascade_masks(stages)                                          # (3, 1, 4, 16, 16)
-viz.attention_grid(image, acc[:, 0, 1].sigmoid(), [f"'{cfg.colors[0]}' after stage {s + 1}"
-                                                   for s in range(3)], ncols=3)
-plt.show()
+show_maps(acc[:, 0, 1].sigmoid(), [f"'{cfg.colors[0]}' mask after stage {s + 1}" for s in range(3)],
+          vmin=0, vmax=1)
 
 # %% [markdown]
 # ## 3.4 Classes × masks at inference
@@ -276,8 +282,9 @@ _G.check_semantic_scores(semantic_scores)
 
 # %% [markdown]
 # The whole untrained colour "SegViT" through your four functions: token $k$ is class $k$
-# (background is a token too, whose similarity is 0 everywhere, so its mask is 0.5), each token sure
-# of its class; the argmax of your scores segments the scene by colour.
+# (background is a token too, whose similarity is 0 everywhere, so its mask is 0.5: a colour wins
+# where its mask is above that), each token sure of its class; the argmax of your scores
+# segments the scene by colour.
 
 # %%
 toy_cls = 8 * torch.eye(4, 5)[None]                                  # (1, 4 tokens, 4 + 1)
@@ -424,7 +431,8 @@ print("untrained loss:", {k: round(float(v), 3) for k, v in terms.items()})
 # (an 8×8 token grid — SegViT's masks live at token resolution and are upsampled bilinearly),
 # its blocks 4, 3, 2 (`out_layers=(1, 2, 3)`, 0-based) decoded in that order, one decoder layer
 # each, with the paper's loss and deep supervision. 300 AdamW steps of 16 scenes take about half
-# a minute on 2 CPU cores and should reach **mIoU ≥ 0.80** on 256 held-out scenes. Watch the
+# a minute on one CPU core and should reach **mIoU ≥ 0.80** on 256 held-out scenes (`run`
+# trains on `cfg.num_threads = 1` thread: these matmuls are too small to split). Watch the
 # loss: for ~150 steps the model only knows colours, then it learns shapes and the class loss
 # collapses. (Under nbgrader it runs 3 steps only.)
 
@@ -434,13 +442,12 @@ model, history = result["model"], result["history"]
 print(f"mIoU on {len(result['val'])} held-out scenes: {result['mIoU']:.3f} (target ≥ {cfg.target:.2f}) · "
       f"pixel accuracy {result['metrics']['pixel_acc']:.3f} · {result['seconds']:.0f} s")
 history.plot()
-plt.show()
 
 # %% [markdown]
 # ## Mask explorer
 #
 # Pick a held-out scene, a class token and a cascade stage. Left to right: the ground truth of
-# that class (white = ignore), the stage's own similarity map (your head-averaged logits, blue
+# that class (ignore pixels half-way), the stage's own similarity map (your head-averaged logits, blue
 # below 0), the mask after that stage ($\sigma$ of your accumulated logits) with the token's
 # probability of its class, and the segmentation the model would output after that stage. Try a
 # class that is *absent* from the scene: its mask may still light up on a look-alike — it is the

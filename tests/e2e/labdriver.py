@@ -108,13 +108,10 @@ class LabServer:
                "--port", str(self.port), "--ServerApp.port_retries=0",
                "--IdentityProvider.token=", "--ServerApp.password=",
                "--allow-root", f"--ServerApp.root_dir={self.root}"]
-        log = open(self.log_path, "wb")
-        try:
+        with open(self.log_path, "wb") as log:     # the server keeps its own copy of the fd
             # A simple command, not a shell: self.proc.pid is the server itself.
             self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -163,7 +160,7 @@ class LabServer:
 
 # =================================================================================== notebook
 
-def _digest(png: bytes) -> str:
+def digest(png: bytes) -> str:
     return hashlib.sha1(png).hexdigest()[:12]
 
 
@@ -177,8 +174,9 @@ class Notebook:
         self.shots = shots
         self.name = Path(path).stem
         self.console: list[str] = []
+        self.cell_seconds: dict[int, float] = {}
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}")
-                if m.type in ("error",) else None)
+                if m.type in ("error", "warning") else None)
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
 
     # ---------------------------------------------------------------------------- basics
@@ -203,10 +201,11 @@ class Notebook:
     def fail(self, msg: str) -> LabError:
         try:
             self.shot("FAILURE")
-        except Exception:               # noqa: BLE001 - a failure screenshot is best effort
-            pass
-        console = "\n".join(self.console[-20:])
-        return LabError(f"{self.name}: {msg}\n--- browser console (errors) ---\n{console}\n"
+        except Exception as e:  # noqa: BLE001 - a failure screenshot is best effort
+            self.console.append(f"(no failure screenshot: {e})")
+        console = "\n".join(self.console[-30:])
+        return LabError(f"{self.name}: {msg}\n--- browser console (errors, warnings) ---\n"
+                        f"{console}\n"
                         f"--- jupyter-lab log (tail) ---\n{self.server.log_tail(3000)}")
 
     def open(self, timeout: float = 120) -> Notebook:
@@ -225,7 +224,7 @@ class Notebook:
         try:
             self.page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first \
                 .wait_for(timeout=timeout * 1000)
-        except Exception as e:          # noqa: BLE001 - Playwright's TimeoutError
+        except Exception as e:
             raise self.fail(f"kernel not idle within {timeout:.0f} s "
                             f"(status {self.kernel_status()!r})") from e
 
@@ -251,21 +250,35 @@ class Notebook:
         deadline = t0 + timeout
         numbered = re.compile(r"^\[\d+\]:$")
         last = ""
+        stalled_since = None
         self.cell_seconds = {}
         while time.monotonic() < deadline:
             prompts = self.prompts()
+            status = self.kernel_status()
             done = sum(1 for p in prompts if numbered.match(p))
+            queued = sum(1 for p in prompts if "*" in p)
             for i, p in enumerate(prompts):      # when each cell finished (a coarse timing)
                 if numbered.match(p) and i not in self.cell_seconds:
                     self.cell_seconds[i] = round(time.monotonic() - t0, 1)
-            last = f"{done}/{n} cells numbered, kernel {self.kernel_status()!r}"
-            if done == n and self.kernel_status() == "idle":
+            last = f"{done}/{n} cells numbered, {queued} queued, kernel {status!r}"
+            if done == n and status == "idle":
                 # the last prompt can be numbered before its outputs arrive: settle once more
                 time.sleep(0.5)
                 if self.kernel_status() == "idle":
                     return time.monotonic() - t0
             if self.error_outputs():
                 break                     # an error stops Run All: report it at once
+            # Run All given up without an error output (cells back to [ ], kernel idle): the
+            # execution was aborted or the kernel connection dropped. Say so within seconds.
+            if queued == 0 and status == "idle" and done < n:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 15:
+                    first = next(i for i, p in enumerate(prompts) if not numbered.match(p))
+                    src = self.code_cells.nth(first).locator(".jp-InputArea-editor").inner_text()
+                    raise self.fail(f"Run All stopped at code cell {first} without an error "
+                                    f"output ({last}); its source: {src[:300]!r}")
+            else:
+                stalled_since = None
             time.sleep(1.0)
         errors = self.error_outputs()
         if errors:
@@ -303,7 +316,7 @@ class Notebook:
                 ".filter(p => p.checkVisibility())"
                 ".some(p => p.querySelectorAll('.jp-Notebook .jp-CodeCell').length > n)",
                 arg=n, timeout=10_000)
-        except Exception as e:          # noqa: BLE001
+        except Exception as e:
             raise self.fail("pressing 'b' in command mode added no cell") from e
         cell = self.code_cells.nth(n)
         cell.locator(".cm-content").click()
@@ -333,7 +346,7 @@ class Notebook:
         area = cell.locator(".jp-OutputArea").first
         try:
             area.locator(".widget-vbox").first.wait_for(timeout=60_000)
-        except Exception as e:          # noqa: BLE001
+        except Exception as e:
             raise self.fail("the explorer widget did not render (no .widget-vbox in the cell's "
                             "output; is ipywidgets' lab extension loaded?)") from e
         return area
@@ -343,7 +356,7 @@ class Notebook:
         img = area.locator(".widget-output img").first
         try:
             img.wait_for(timeout=timeout * 1000)
-        except Exception as e:          # noqa: BLE001
+        except Exception as e:
             raise self.fail("the explorer's figure did not appear in its Output widget") from e
         return img
 
@@ -368,28 +381,34 @@ class Notebook:
         for _ in range(times):
             self.page.keyboard.press(key)
 
-    def wait_image_change(self, area, before: bytes, label: str, timeout: float = 60) -> bytes:
-        """Poll screenshots of the explorer's output area until they differ from ``before``
-        (the kernel redrew the figure), then give the figure a moment to finish loading."""
+    def figure_src(self, area) -> str:
+        """The data URL of the figure the explorer's Output widget shows ('' while redrawing)."""
+        img = area.locator(".widget-output img")
+        return (img.first.get_attribute("src") or "") if img.count() else ""
+
+    def snapshot(self, area, label: str) -> tuple[str, bytes]:
+        """(figure data URL, screenshot of the figure); the whole explorer (controls included)
+        is saved as ``<notebook>--<label>.png`` for a human to look at."""
+        area.scroll_into_view_if_needed()
+        self.shot(label, area.locator(".widget-vbox").first)
+        fig = area.locator(".widget-output").first
+        return self.figure_src(area), fig.screenshot(timeout=30_000)
+
+    def wait_redraw(self, area, before: tuple[str, bytes], label: str,
+                    timeout: float = 60) -> tuple[str, bytes]:
+        """After a control changed: wait until the kernel has drawn a new figure (a different
+        image, the same in two polls in a row, kernel idle); return ``snapshot``."""
         deadline = time.monotonic() + timeout
-        img_src = None
+        seen = None
         while time.monotonic() < deadline:
-            time.sleep(0.5)
-            if self.kernel_status() != "idle":
-                continue
-            img = area.locator(".widget-output img")
-            if img.count() == 0:
-                continue               # cleared (clear_output(wait=True)) and not yet redrawn
-            src = img.first.get_attribute("src") or ""
-            if src == img_src:
-                png = area.screenshot(timeout=30_000)
-                if png != before:
-                    path = self.shots / f"{self.name}--{label}.png"
-                    path.write_bytes(png)
-                    return png
-            img_src = src              # require two polls with the same image: drawing is done
+            time.sleep(0.4)
+            src = self.figure_src(area)
+            if src and src != before[0] and src == seen and self.kernel_status() == "idle":
+                time.sleep(0.3)       # let the browser decode and paint the new image
+                return self.snapshot(area, label)
+            seen = src
         raise self.fail(f"the explorer's figure did not change within {timeout:.0f} s "
-                        f"after {label}")
+                        f"({label})")
 
     # ---------------------------------------------------------------------------- nbgrader
 
@@ -399,14 +418,14 @@ class Notebook:
         button = self.panel.locator(".jp-Toolbar").get_by_role("button", name="Validate")
         try:
             button.first.wait_for(timeout=30_000)
-        except Exception as e:          # noqa: BLE001
+        except Exception as e:
             raise self.fail("no Validate button in the notebook toolbar (nbgrader's lab "
                             "extension not loaded?)") from e
         button.first.click()
         dialog = self.page.locator(".jp-Dialog").filter(has_text="Validation")
         try:
             dialog.first.wait_for(timeout=timeout * 1000)
-        except Exception as e:          # noqa: BLE001
+        except Exception as e:
             raise self.fail(f"no validation dialog within {timeout:.0f} s") from e
         msg = dialog.first.locator("#validation-message")
         text = dialog.first.inner_text()

@@ -56,8 +56,8 @@ def tamper_ch01(course: Path) -> tuple[nbformat.NotebookNode, dict[str, float]]:
     # 1.3 falls back on "the library's own version": in the grader that is the stub, so 0.
     cells["resize_pos_embed"].source = _with_body(cells["resize_pos_embed"].source, [
         "    from vitseg_lab.exercises import _ORIGINALS",
-        '    return _ORIGINALS[("vitseg_lab.attention", "resize_pos_embed")](pos_embed, old_grid,'
-        " new_grid)",
+        ('    return _ORIGINALS[("vitseg_lab.attention", "resize_pos_embed")]('
+         "pos_embed, old_grid, new_grid)"),
     ])
     # 1.4 wrong (overflows) and every comparison the visible tests use patched to pass: the hidden
     # check compares in a fresh process, so 0.

@@ -20,6 +20,7 @@ from tools import grading as g
 DEMO = g.DEMO_STUDENTS
 TAMPER = "tamper"              # the learner conftest.py builds from the tamper and fault cases
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -151,3 +151,14 @@ def test_every_planted_mistake_applies_to_the_reference(chapter, m):
     src = _library_function(m.exercise)
     assert src, f"{m.exercise} is not a library function any more (update MUTATIONS)"
     assert src.count(m.old) == 1, f"{m.old!r} no longer appears once in {m.exercise}"
+
+
+@pytest.mark.parametrize("assignment", list(g.chapter_notebooks()))
+def test_solution_cells_use_only_names_the_notebook_defines(assignment):
+    """A solution cell is a copy of a library function; a name its module imports (``F``,
+    ``Tensor``) must be imported by the notebook too, or every learner's cell fails (reference
+    included) and the demo's reference learner loses the exercise."""
+    import nbformat
+
+    nb = nbformat.read(g.chapter_notebooks()[assignment], as_version=4)
+    assert g.undefined_names(nb) == []

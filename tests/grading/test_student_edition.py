@@ -16,6 +16,7 @@ from nbclient import NotebookClient
 
 from tools import grading as g
 
+pytestmark = pytest.mark.slow
 CHAPTERS = list(g.chapter_notebooks())
 _ENOT = re.compile(r"Exercise (\d+\.\d+) \((notebooks/[\w.-]+\.ipynb)\) is not done yet")
 
@@ -119,9 +120,9 @@ def _validate(student_edition: Path, nb_path: Path) -> str:
 
 
 @pytest.mark.parametrize("assignment", CHAPTERS)
-def test_validate_passes_the_reference_and_lists_every_exercise_of_the_empty_edition(
-        student_edition, course, assignment, tmp_path):
-    """What the Validate button runs (nbgrader validate with the student edition's config)."""
+def test_validate_passes_the_reference(student_edition, course, assignment):
+    """`nbgrader validate` (what the Validate button runs) with the student edition's config, on a
+    learner who solved every exercise."""
     name = g.chapter_notebooks()[assignment].name
     work = student_edition / "notebooks" / f"_validate_{name}"
     nbformat.write(g.reference_submission(course.root, assignment), work)
@@ -130,13 +131,86 @@ def test_validate_passes_the_reference_and_lists_every_exercise_of_the_empty_edi
     finally:
         work.unlink()
     assert "Success! Your notebook passes all the tests." in ok, ok[-3000:]
-    empty = _validate(student_edition, student_edition / "notebooks" / name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(student_edition, tmp_path_factory):
+    """JupyterLab started in the student edition, as `make lab` starts it."""
+    import json
+    import time
+    import urllib.request
+
+    port, token = _free_port(), "vitseg-test"
+    home = tmp_path_factory.mktemp("labhome")
+    env = _env(student_edition, JUPYTER_CONFIG_DIR=str(home / "config"),
+               JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+               JUPYTERLAB_WORKSPACES_DIR=str(home / "ws"), JUPYTER_RUNTIME_DIR=str(home / "rt"))
+    log = open(home / "lab.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", "--allow-root", "--ServerApp.open_browser=False"],
+        cwd=student_edition, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def call(path, data=None):
+        req = urllib.request.Request(base + path, data=data,
+                                     headers={"Authorization": f"token {token}"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            body = r.read().decode()
+            return r.status, (json.loads(body) if body.startswith(("{", "[")) else body)
+
+    try:
+        for _ in range(120):
+            try:
+                call("/api/status")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError((home / "lab.log").read_text()[-3000:])
+        yield call
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_student_edition_opens_in_jupyterlab_with_the_validate_extension(lab):
+    status, page = lab("/lab")
+    assert status == 200 and "JupyterLab" in page
+    status, version = lab(f"/nbgrader_version?version={__import__('nbgrader').__version__}")
+    assert version == {"success": True}
+
+
+@pytest.mark.parametrize("assignment", CHAPTERS)
+def test_validate_button_lists_every_exercise_of_the_empty_edition(lab, student_edition,
+                                                                   assignment):
+    """The request the Validate button sends, on the notebook as released."""
+    import urllib.parse
+
+    name = g.chapter_notebooks()[assignment].name
+    body = urllib.parse.urlencode({"path": f"notebooks/{name}"}).encode()
+    status, reply = lab("/assignments/validate", data=body)
+    assert status == 200 and reply["success"], reply
+    failed = reply["value"].get("failed", [])
     n_tests = sum(1 for c in nbformat.read(student_edition / "notebooks" / name,
                                            as_version=4).cells
                   if c.metadata.get("nbgrader", {}).get("grade"))
-    assert f"VALIDATION FAILED ON {n_tests} CELL(S)!" in empty, empty[-3000:]
-    assert len(set(_ENOT.findall(empty))) >= 1
-    assert "Traceback (most recent call last)" not in empty
+    assert len(failed) == n_tests, reply["value"]
+    for cell in failed:
+        assert _ENOT.search(cell["raw_error"]), cell["raw_error"]
+        assert "Traceback (most recent call last)" not in cell["raw_error"]
 
 
 def test_student_config_gives_long_cells_their_budget(student_edition):
@@ -153,5 +227,8 @@ def test_student_config_gives_long_cells_their_budget(student_edition):
     f = c["Execute"]["timeout_func"]
     assert f({"metadata": {"tags": ["long-running"]}}) == long
     assert f({"metadata": {}}) == c["Execute"]["timeout"] == cell
-    assert shutil.which("make") is None or (student_edition / "Makefile").read_text().count(
-        "pip install -q -e '.[dev]'") == 1
+    assert (student_edition / "Makefile").read_text().count("pip install -q -e '.[dev]'") == 1
+    if shutil.which("make"):
+        dry = subprocess.run(["make", "-n", "lab"], cwd=student_edition, text=True,
+                             capture_output=True)
+        assert dry.returncode == 0 and "jupyter lab notebooks/" in dry.stdout, dry.stderr

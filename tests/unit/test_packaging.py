@@ -36,3 +36,16 @@ def test_cli_maps_flags_onto_config():
     _, cfg = cli._config(args)
     assert cfg.embed_dim == 48 and cfg.train.steps == 3 and cfg.colors == ("red", "blue")
     assert cfg.train.batch_size == 16          # untouched fields keep the smoke preset
+
+
+def test_every_solution_cell_closes_its_region():
+    import nbformat
+
+    for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        for cell in nb.cells:
+            meta = cell.metadata.get("nbgrader", {})
+            if meta.get("solution"):
+                assert cell.source.count("### BEGIN SOLUTION") == 1, (nb_path.name, meta)
+                assert cell.source.count("### END SOLUTION") == 1, (nb_path.name, meta)
+                assert cell.source.rstrip().endswith("### END SOLUTION"), (nb_path.name, meta)

@@ -1,8 +1,8 @@
 """Hidden checks for chapter 03 (SegViT ATM), instructor-only.
 
 ``naive_*`` are independent formulations written as literal loops over the paper's indices (per
-batch item, head, class, pixel); ``check_*`` build deterministic hidden cases (other shapes, float64,
-edge cases) and compare the learner's function against them in a fresh process
+batch item, head, class, pixel); ``check_*`` build deterministic hidden cases (other shapes,
+float64, edge cases) and compare the learner's function against them in a fresh process
 (``common.compare``). Only torch is imported here: the grader process stays light.
 """
 
@@ -34,7 +34,8 @@ def naive_atm_similarity(queries, keys, num_heads):
             cols = slice(j * dh, (j + 1) * dh)
             for k in range(K):
                 for l in range(L):
-                    out[b, j, k, l] = torch.dot(queries[b, k, cols], keys[b, l, cols]) / math.sqrt(dh)
+                    dot = torch.dot(queries[b, k, cols], keys[b, l, cols])
+                    out[b, j, k, l] = dot / math.sqrt(dh)
     return out
 
 
@@ -63,11 +64,11 @@ def _bilinear(m, size):
     out = torch.empty(H, W, dtype=m.dtype)
     for Y in range(H):
         sy = max((Y + 0.5) * h / H - 0.5, 0.0)
-        y0 = min(int(math.floor(sy)), h - 1)
+        y0 = min(math.floor(sy), h - 1)
         y1, fy = min(y0 + 1, h - 1), sy - y0
         for X in range(W):
             sx = max((X + 0.5) * w / W - 0.5, 0.0)
-            x0 = min(int(math.floor(sx)), w - 1)
+            x0 = min(math.floor(sx), w - 1)
             x1, fx = min(x0 + 1, w - 1), sx - x0
             out[Y, X] = ((1 - fy) * ((1 - fx) * m[y0, x0] + fx * m[y0, x1])
                          + fy * ((1 - fx) * m[y1, x0] + fx * m[y1, x1]))
@@ -169,8 +170,7 @@ def naive_atm_decoder(layer_params, class_tokens, layer_tokens, num_heads):
     (one image). -> (new class tokens (K, d), mask logits (K, L) averaged over heads).
     """
     p = layer_params
-    K, d = class_tokens.shape
-    L = layer_tokens.shape[0]
+    d = class_tokens.shape[1]
     dh = d // num_heads
 
     def lin(x, name):
@@ -220,12 +220,12 @@ def _gen(seed):
 def check_atm_similarity(fn):
     g = _gen(301)
     cases = [
-        dict(queries=torch.randn(2, 5, 12, generator=g), keys=torch.randn(2, 7, 12, generator=g),
-             num_heads=3),
-        dict(queries=torch.randn(1, 3, 8, generator=g, dtype=torch.float64),
-             keys=torch.randn(1, 11, 8, generator=g, dtype=torch.float64), num_heads=1),
-        dict(queries=torch.randn(3, 1, 16, generator=g), keys=torch.randn(3, 4, 16, generator=g),
-             num_heads=8),
+        {"queries": torch.randn(2, 5, 12, generator=g), "keys": torch.randn(2, 7, 12, generator=g),
+             "num_heads": 3},
+        {"queries": torch.randn(1, 3, 8, generator=g, dtype=torch.float64),
+             "keys": torch.randn(1, 11, 8, generator=g, dtype=torch.float64), "num_heads": 1},
+        {"queries": torch.randn(3, 1, 16, generator=g), "keys": torch.randn(3, 4, 16, generator=g),
+             "num_heads": 8},
     ]
     compare(fn, _REF + "naive_atm_similarity", cases, what="atm_similarity")
 
@@ -233,10 +233,10 @@ def check_atm_similarity(fn):
 def check_atm_mask_logits(fn):
     g = _gen(302)
     cases = [
-        dict(sim=torch.randn(2, 3, 4, 15, generator=g), grid=(3, 5)),
-        dict(sim=torch.randn(1, 5, 2, 12, generator=g, dtype=torch.float64), grid=(4, 3)),
+        {"sim": torch.randn(2, 3, 4, 15, generator=g), "grid": (3, 5)},
+        {"sim": torch.randn(1, 5, 2, 12, generator=g, dtype=torch.float64), "grid": (4, 3)},
         # one head: the mask is the similarity itself; large logits must not be squashed
-        dict(sim=torch.randn(2, 1, 3, 6, generator=g) * 30, grid=(2, 3)),
+        {"sim": torch.randn(2, 1, 3, 6, generator=g) * 30, "grid": (2, 3)},
     ]
     compare(fn, _REF + "naive_atm_mask_logits", cases, what="atm_mask_logits")
 
@@ -244,13 +244,13 @@ def check_atm_mask_logits(fn):
 def check_cascade_masks(fn):
     g = _gen(303)
     cases = [
-        dict(stage_logits=[torch.randn(2, 3, 4, 5, generator=g) for _ in range(3)]),
+        {"stage_logits": [torch.randn(2, 3, 4, 5, generator=g) for _ in range(3)]},
         # different grids: earlier stages are resized to the last one's
-        dict(stage_logits=[torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64),
+        {"stage_logits": [torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64),
                            torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64),
-                           torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64)]),
+                           torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64)]},
         # a single stage is its own accumulation
-        dict(stage_logits=[torch.randn(3, 4, 2, 2, generator=g)]),
+        {"stage_logits": [torch.randn(3, 4, 2, 2, generator=g)]},
     ]
     compare(fn, _REF + "naive_cascade_masks", cases, what="cascade_masks")
 
@@ -258,13 +258,14 @@ def check_cascade_masks(fn):
 def check_semantic_scores(fn):
     g = _gen(304)
     cases = [
-        dict(class_logits=torch.randn(2, 4, 4, generator=g), mask_logits=torch.randn(2, 4, 3, 5, generator=g)),
+        {"class_logits": torch.randn(2, 4, 4, generator=g),
+         "mask_logits": torch.randn(2, 4, 3, 5, generator=g)},
         # Q != K: tokens need not be bound to classes for the formula
-        dict(class_logits=torch.randn(1, 5, 3, generator=g, dtype=torch.float64),
-             mask_logits=torch.randn(1, 5, 4, 2, generator=g, dtype=torch.float64)),
+        {"class_logits": torch.randn(1, 5, 3, generator=g, dtype=torch.float64),
+             "mask_logits": torch.randn(1, 5, 4, 2, generator=g, dtype=torch.float64)},
         # large logits: softmax and sigmoid must stay finite
-        dict(class_logits=torch.randn(2, 3, 4, generator=g) * 80,
-             mask_logits=torch.randn(2, 3, 2, 2, generator=g) * 80),
+        {"class_logits": torch.randn(2, 3, 4, generator=g) * 80,
+             "mask_logits": torch.randn(2, 3, 2, 2, generator=g) * 80},
     ]
     compare(fn, _REF + "naive_semantic_scores", cases, what="semantic_scores")
 
@@ -272,17 +273,17 @@ def check_semantic_scores(fn):
 def check_query_downsample(fn):
     g = _gen(305)
     cases = [
-        dict(tokens=torch.randn(2, 24, 5, generator=g), grid=(4, 6)),
-        dict(tokens=torch.randn(1, 35, 3, generator=g, dtype=torch.float64), grid=(5, 7)),  # odd
-        dict(tokens=torch.randn(3, 6, 2, generator=g), grid=(1, 6)),
+        {"tokens": torch.randn(2, 24, 5, generator=g), "grid": (4, 6)},
+        {"tokens": torch.randn(1, 35, 3, generator=g, dtype=torch.float64), "grid": (5, 7)},  # odd
+        {"tokens": torch.randn(3, 6, 2, generator=g), "grid": (1, 6)},
     ]
     compare(fn, _REF + "naive_query_downsample", cases, what="query_downsample")
 
 
 def _mask_case(g, N, P, dtype=torch.float32, scale=2.0, p_valid=0.8):
-    return dict(logits=torch.randn(N, P, generator=g, dtype=dtype) * scale,
-                targets=(torch.rand(N, P, generator=g) < 0.3).to(dtype),
-                valid=torch.rand(N, P, generator=g) < p_valid)
+    return {"logits": torch.randn(N, P, generator=g, dtype=dtype) * scale,
+                "targets": (torch.rand(N, P, generator=g) < 0.3).to(dtype),
+                "valid": torch.rand(N, P, generator=g) < p_valid}
 
 
 def check_sigmoid_focal_loss(fn):
