@@ -38,6 +38,10 @@ student: venv                   ## student edition -> dist/student/ (nbgrader re
 grade-demo: venv                ## reference / empty / buggy learners autograded; prints the score table
 	$(PY) -m tools.grading demo
 
+e2e: venv                       ## only the browser test (JupyterLab in headless Chromium; installs Chromium if missing)
+	bash tools/e2e_setup.sh
+	VITSEG_E2E=require $(PY) -m pytest tests/e2e -v -p no:cacheprovider
+
 bench: venv
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 

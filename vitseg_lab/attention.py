@@ -288,6 +288,9 @@ class AttentionConfig:
         steps=150, batch_size=32, lr=2e-3, weight_decay=0.05, warmup_steps=15, eval_every=0,
         log_every=10))
     target: float = 0.80            # exact-match accuracy the quick run must reach
+    # CPU threads while training (None: torch's default). The quick model's matmuls are too small
+    # to split: on a busy 2-core machine 2 threads ran several times slower than 1 (spin-waits).
+    num_threads: int | None = 1
 
     @classmethod
     def quick(cls) -> "AttentionConfig":
@@ -304,7 +307,7 @@ class AttentionConfig:
     def full(cls) -> "AttentionConfig":
         """ViT-B/16 (ImageNet-21k, fine-tuned 1k) fine-tuned on VOC12 image-level labels."""
         return cls(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                   pretrained=True, target=0.0,
+                   pretrained=True, target=0.0, num_threads=None,
                    train=TrainConfig(steps=3000, batch_size=32, lr=5e-5, weight_decay=0.05,
                                      warmup_steps=200, eval_every=500, log_every=50,
                                      head_lr_mult=10.0, out_dir="runs/ch01_full"))
@@ -448,6 +451,12 @@ def run(cfg: AttentionConfig) -> dict:
     # Token labels need masks: ShapeScenes has them (K + background classes); VOC has them too.
     model = build_model(cfg, num_classes, num_token_classes=num_classes + 1)
     collate = getattr(train_ds, "collate", None)
-    history = fit(model, train_ds, cfg.train, multilabel_loss, multilabel_metrics,
-                  val_data=val_ds, collate_fn=collate)
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        history = fit(model, train_ds, cfg.train, multilabel_loss, multilabel_metrics,
+                      val_data=val_ds, collate_fn=collate)
+    finally:
+        torch.set_num_threads(threads)
     return {"model": model, "history": history, "metrics": history.final, "val": val_ds}

@@ -125,7 +125,7 @@ _G.check_atm_similarity(atm_similarity)
 # %% [markdown]
 # Your similarity at work, before any training. Make "layer tokens" out of the image itself —
 # each 4×4 patch's mean colour (centred) and a constant 1 — and "class tokens" out of the three
-# colours (with −0.15 against the constant, a threshold), copied into two heads. A class token is
+# colours (with −0.2 against the constant, a threshold), copied into two heads. A class token is
 # most similar to the patches of its colour (red = positive, blue = negative):
 
 # %%
@@ -143,12 +143,12 @@ def show_maps(maps, titles, **kw):
 
 toy_names = ["background"] + list(cfg.colors)
 protos = torch.tensor([COLORS[c] for c in cfg.colors]) - 0.5
-colour_q = torch.cat([protos, torch.full((len(protos), 1), -0.15)], dim=-1)
-toy_queries = 12 * torch.cat([torch.zeros(1, 8), torch.cat([colour_q, colour_q], -1)])[None]
+colour_q = torch.cat([protos, torch.full((len(protos), 1), -0.2)], dim=-1)
+toy_queries = 24 * torch.cat([torch.zeros(1, 8), torch.cat([colour_q, colour_q], -1)])[None]
 image = scenes[0]["image"]
 toy_sim = atm_similarity(toy_queries, colour_tokens(image, 4), 2)    # (1, 2, 4, 256)
 show_maps(toy_sim[0, 0, 1:].reshape(-1, 16, 16), [f"'{c}' token, head 0" for c in cfg.colors],
-          cmap="coolwarm", vmin=-6, vmax=6)
+          cmap="coolwarm", vmin=-4, vmax=4)
 
 # %% [markdown]
 # ## 3.2 The mask: pre-softmax logits, averaged over heads
@@ -231,11 +231,11 @@ _G.check_cascade_masks(cascade_masks)
 
 # %% [markdown]
 # A coarse-to-fine cascade through your functions: the colour tokens read 16×16, then 8×8, then
-# 4×4 patches, and the "red" mask sharpens as the stages add up (each stage scaled by 1/3):
+# 4×4 patches, and the "red" mask sharpens as the stages add up:
 
 # %%
 stages = [atm_mask_logits(atm_similarity(toy_queries, colour_tokens(image, p), 2),
-                          (64 // p, 64 // p)) / 3 for p in (16, 8, 4)]
+                          (64 // p, 64 // p)) for p in (16, 8, 4)]
 acc = cascade_masks(stages)                                          # (3, 1, 4, 16, 16)
 show_maps(acc[:, 0, 1].sigmoid(), [f"'{cfg.colors[0]}' mask after stage {s + 1}" for s in range(3)],
           vmin=0, vmax=1)

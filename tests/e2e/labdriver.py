@@ -167,6 +167,8 @@ def digest(png: bytes) -> str:
 class Notebook:
     """One notebook open in JupyterLab, in a Playwright page."""
 
+    _opened = 0
+
     def __init__(self, page, server: LabServer, path: str, shots: Path):
         self.page = page
         self.server = server
@@ -209,9 +211,32 @@ class Notebook:
                         f"--- jupyter-lab log (tail) ---\n{self.server.log_tail(3000)}")
 
     def open(self, timeout: float = 120) -> Notebook:
-        self.page.goto(f"{self.server.url}/lab/tree/{self.path}", timeout=timeout * 1000)
+        """Open the notebook in a workspace of its own (reset: no tab restored from an earlier
+        page of this server) and wait until its kernel is idle."""
+        Notebook._opened += 1
+        ws = f"e2e-{os.getpid()}-{Notebook._opened}"
+        self.page.goto(f"{self.server.url}/lab/workspaces/{ws}/tree/{self.path}?reset",
+                       timeout=timeout * 1000)
+        tab = self.page.locator("#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current",
+                                has_text=Path(self.path).name)
+        try:
+            tab.first.wait_for(timeout=timeout * 1000)
+        except Exception as e:
+            raise self.fail(f"{self.path} did not open as the current tab") from e
         self.wait_kernel_idle(timeout)
-        self.code_cells.first.wait_for(timeout=timeout * 1000)
+        n = self.page.locator(".jp-NotebookPanel").count()
+        if n != 1:
+            raise self.fail(f"{n} notebook panels open; expected only {self.path}")
+        # Every cell rendered before anything is run (Lab renders a long notebook in steps; a
+        # Run All issued earlier runs only what is there).
+        cells = json.loads((self.server.root / self.path).read_text())["cells"]
+        self.n_code = sum(1 for c in cells if c["cell_type"] == "code")
+        deadline = time.monotonic() + timeout
+        while self.code_cells.count() != self.n_code:
+            if time.monotonic() > deadline:
+                raise self.fail(f"{self.code_cells.count()} of {self.n_code} code cells "
+                                f"rendered after {timeout:.0f} s")
+            time.sleep(0.3)
         return self
 
     def kernel_status(self) -> str | None:
@@ -247,6 +272,13 @@ class Notebook:
         n = self.code_cells.count()
         t0 = time.monotonic()
         self.command("Run All Cells")
+        try:                              # the click took: some cell queued, running or done
+            self.page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell "
+                ".jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))",
+                timeout=30_000)
+        except Exception as e:
+            raise self.fail("Run > Run All Cells started nothing within 30 s") from e
         deadline = t0 + timeout
         numbered = re.compile(r"^\[\d+\]:$")
         last = ""
@@ -430,6 +462,9 @@ class Notebook:
         msg = dialog.first.locator("#validation-message")
         text = dialog.first.inner_text()
         ok = msg.count() == 1 and "validation-success" in (msg.get_attribute("class") or "")
+        if not ok and msg.locator(".jp-RenderedText").count() > 1:
+            # show the first failure's error message, not only its cell's source
+            msg.locator(".jp-RenderedText").nth(1).scroll_into_view_if_needed()
         self.shot("validate")
         dialog.first.get_by_role("button", name=re.compile("^(Ok|OK)$")).first.click()
         dialog.first.wait_for(state="detached", timeout=10_000)
