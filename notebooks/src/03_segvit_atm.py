@@ -422,7 +422,7 @@ print(f"{len(out.mask_logits)} stages (0-based blocks {list(reversed(model.backb
       f"mask logits {tuple(out.mask_logits[-1].shape)} on a {out.grid[0]}×{out.grid[1]} grid, "
       f"class logits {tuple(out.class_logits[-1].shape)}")
 terms = segvit.segvit_loss(model, batch, cfg=cfg)
-print("untrained loss:", {k: round(float(v), 3) for k, v in terms.items()})
+print("untrained loss:", {k: round(float(v.detach()), 3) for k, v in terms.items()})
 
 # %% [markdown]
 # ## Training SegViT on your CPU

@@ -168,6 +168,7 @@ def student_lab(tmp_path_factory, timings):
     t0 = time.monotonic()
     src, origin = _student_edition_source(tmp_path_factory)
     timings["student edition: ready"] = round(time.monotonic() - t0, 1)
+    timings["student edition: from"] = origin
     work = tmp_path_factory.mktemp("lab-student") / "student"
     shutil.copytree(src, work, ignore=shutil.ignore_patterns(
         ".venv", "__pycache__", "*.pyc", ".ipynb_checkpoints"))

@@ -11,7 +11,6 @@ Every wait has a timeout; nothing sleeps for a fixed time except short polling i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -159,10 +158,6 @@ class LabServer:
 
 
 # =================================================================================== notebook
-
-def digest(png: bytes) -> str:
-    return hashlib.sha1(png).hexdigest()[:12]
-
 
 class Notebook:
     """One notebook open in JupyterLab, in a Playwright page."""
