@@ -64,6 +64,23 @@ ADE20K_CLASSES: tuple[str, ...] = (
 assert len(ADE20K_CLASSES) == 150
 
 
+def semantic_sample(ds, i: int) -> dict:
+    """Sample ``i`` of a semantic-segmentation folder dataset (ADE20K, COCO-Stuff-10K).
+
+    ``ds`` provides ``image_path(i)``, ``label_path(i)``, ``names``, ``reduce_zero_label`` and
+    ``transform``. -> {"image", "semantic" (H, W) with 255 = ignore, "name"}, transformed.
+    """
+    image, label = read_image_and_label(ds.image_path(i), ds.label_path(i))
+    if ds.reduce_zero_label:
+        label = reduce_zero_label(label)
+    sample = {
+        "image": image,
+        "semantic": tv_tensors.Mask(torch.from_numpy(label)),
+        "name": ds.names[i],
+    }
+    return apply_transform(sample, ds.transform)
+
+
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """mmseg's ``reduce_zero_label``: 0 -> 255 (ignore), v -> v - 1, 255 stays 255.
 
@@ -153,12 +170,4 @@ class ADE20K(Dataset):
         return self.ann_dir / f"{self.names[i]}.png"
 
     def __getitem__(self, i: int) -> dict:
-        image, label = read_image_and_label(self.image_path(i), self.label_path(i))
-        if self.reduce_zero_label:
-            label = reduce_zero_label(label)
-        sample = {
-            "image": image,
-            "semantic": tv_tensors.Mask(torch.from_numpy(label)),
-            "name": self.names[i],
-        }
-        return apply_transform(sample, self.transform)
+        return semantic_sample(self, i)

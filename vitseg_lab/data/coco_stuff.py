@@ -24,21 +24,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
-from .ade20k import reduce_zero_label
-from .coco_zsi import COCO_CATEGORY_IDS
+from .ade20k import semantic_sample
+from .coco_zsi import COCO_CATEGORY_IDS, COCO_CLASSES
 from .common import (
     IGNORE_INDEX,
     DataFormatError,
     DatasetNotFound,
-    apply_transform,
     check_choice,
     data_root,
     download_hint,
-    read_image_and_label,
     read_lines,
     save_label_png,
 )
@@ -50,18 +46,11 @@ FOLDER = "coco_stuff10k"
 SPLITS = {"train": "train2014", "test": "test2014"}
 OFFICIAL_COUNTS = {"train": 9000, "test": 1000}
 
-# The 171 used classes in compacted order 1..171 (mmseg's COCOStuffDataset names).
+# The 171 used classes in compacted order 1..171 (mmseg's COCOStuffDataset names): COCO's 80
+# thing classes in category-id order, then the 91 stuff classes.
 COCO_STUFF_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge",
+    *COCO_CLASSES,
+    "banner", "blanket", "branch", "bridge",
     "building-other", "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other",
     "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
     "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
@@ -162,15 +151,7 @@ class COCOStuff10K(Dataset):
         return self.ann_dir / self._label_files[self.names[i]]
 
     def __getitem__(self, i: int) -> dict:
-        image, label = read_image_and_label(self.image_path(i), self.label_path(i))
-        if self.reduce_zero_label:
-            label = reduce_zero_label(label)
-        sample = {
-            "image": image,
-            "semantic": tv_tensors.Mask(torch.from_numpy(label)),
-            "name": self.names[i],
-        }
-        return apply_transform(sample, self.transform)
+        return semantic_sample(self, i)
 
 
 def _load_stuff_mat(path: Path) -> np.ndarray:
