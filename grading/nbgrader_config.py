@@ -9,7 +9,10 @@ import os
 import sys
 
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import ClearHiddenTests, GetGrades
+from nbconvert.preprocessors import ClearMetadataPreprocessor
+from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests,
+                                    Execute, GetGrades, IgnorePattern, LimitOutput,
+                                    SaveAutoGrades)
 
 c = get_config()  # noqa: F821
 
@@ -34,6 +37,17 @@ c.Execute.interrupt_on_timeout = True
 # Every grading kernel first checks that `vitseg_lab` is the assignment folder's copy (stubs +
 # grader from source/), not an installed instructor edition (kernel_guard.py).
 c.Execute.extra_arguments = [f"--IPKernelApp.exec_files={os.path.join(HERE, 'kernel_guard.py')}"]
+
+# ---- hidden checks: verdicts outside the kernel ------------------------------------------------
+# The kernel only records the learner's outputs on inputs this process wrote from a fresh seed;
+# this process compares them after the kernel is gone (vitseg_lab/_grader/autograde.py). The grader
+# (instructor edition of vitseg_lab, with _grader/) is imported here, before any learner code runs;
+# the assignment folders hold the student edition only, so a kernel cannot import it.
+from vitseg_lab._grader.autograde import ApplyVerdicts, WriteGraderInputs  # noqa: E402
+
+c.Autograde.autograde_preprocessors = [
+    WriteGraderInputs, Execute, ApplyVerdicts, IgnorePattern, ClearMetadataPreprocessor,
+    LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
 
 # ---- autograde ---------------------------------------------------------------------------------
 # Tracebacks in the graded notebook keep the separator, "...truncated..." and the final error line

@@ -200,7 +200,6 @@ def build_course(course: Path = DEFAULT_COURSE, *, quiet: bool = True) -> dict[s
                   "cell defines (NameError for every learner): import it in the set-up cell")
         nbformat.write(master, src / nb.name)
         shutil.copytree(stub, src / "vitseg_lab", ignore=ignore)
-        shutil.copytree(LIBRARY / "_grader", src / "vitseg_lab" / "_grader", ignore=ignore)
     shutil.rmtree(course / ".build")
     for a in assignments:
         nbgrader(course, "generate_assignment", a, "--force", capture=quiet)
@@ -247,41 +246,31 @@ class Mutation:
     mistake: str        # what the planted bug is, for the demo's table
 
 
-# Typical mistakes planted in the "buggy" submission, per chapter. Exercises must be graded
-# independently (a planted bug may cost only its own exercise), which rules out, e.g., a wrong
-# patchify: chapter 01's embed_tokens test also runs the learner's patchify (timm comparison).
-MUTATIONS: dict[str, list[Mutation]] = {
-    "ch01": [
-        Mutation("resize_pos_embed", "grid.reshape(1, h, w, C)", "grid.reshape(1, w, h, C)",
-                 "position grid reshaped (w, h) instead of (h, w)"),
-        Mutation("softmax", "e = torch.exp(logits - m)", "e = torch.exp(logits)",
-                 "no max subtraction: overflows on large logits"),
-        Mutation("attention_rollout", "else a @ rollout", "else rollout @ a",
-                 "layers multiplied in the wrong order"),
-    ],
-    "ch03": [
-        Mutation("atm_mask_logits", "sim.mean(dim=1)", "sim.sum(dim=1)",
-                 "heads summed instead of averaged"),
-        Mutation("semantic_scores", "class_logits.softmax(dim=-1)[..., :-1]",
-                 "class_logits[..., :-1].softmax(dim=-1)",
-                 "'no object' column dropped before the softmax"),
-        Mutation("dice_loss", "p = logits.sigmoid() * valid", "p = logits.sigmoid()",
-                 "ignored pixels counted in the prediction sums"),
-    ],
-}
+def demo_mutations(a: str) -> list[Mutation]:
+    """The planted bugs of the "buggy" demo learner: for each exercise listed in the chapter
+    grader's ``DEMO``, its first ``BUGS`` entry (every bug is also unit-tested against its check,
+    tests/unit/test_chapters.py; the demo proves the whole nbgrader pipeline on a few)."""
+    import importlib
+
+    grader = importlib.import_module(f"vitseg_lab._grader.{a}")
+    out = []
+    for tag in getattr(grader, "DEMO", ()):
+        bug = grader.BUGS[tag][0]
+        out.append(Mutation(grader.CHECKS[tag].name, bug.old, bug.new, bug.mistake))
+    return out
 
 
 def buggy_submission(course: Path, a: str) -> tuple[nbformat.NotebookNode, list[Mutation]]:
     nb = reference_submission(course, a)
     cells = solution_cells(nb)
     planted = []
-    for m in MUTATIONS.get(a, []):
+    for m in demo_mutations(a):
         if m.exercise not in cells:
             continue
         src = cells[m.exercise].source
         if src.count(m.old) != 1:
             raise SystemExit(f"mutation for {a}:{m.exercise} no longer applies: {m.old!r} "
-                             "is not in the reference solution exactly once (update MUTATIONS)")
+                             "is not in the reference solution exactly once (update BUGS in vitseg_lab/_grader)")
         cells[m.exercise].source = src.replace(m.old, m.new)
         planted.append(m)
     if not planted:

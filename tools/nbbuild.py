@@ -11,7 +11,9 @@ Source format (a percent-script, one cell per ``# %%`` header)::
     # %%                 <- plain code cell
     # %% [readonly]      <- code cell locked by nbgrader
     # %% [solution] attention.softmax          <- generated: "@plug(attention)" + the library function
-    # %% [test] softmax_test points=10         <- autograded cell with points (hidden tests allowed)
+    # %% [test] softmax_test points=10         <- autograded cell with points; the builder appends
+                                                 the hidden block (``record(tag, fn)``) for the
+                                                 exercise of the [solution] cell above it
     # %% tags=long-running,nbval-skip          <- tags may follow any header
 
 Run ``python -m tools.nbbuild`` to rewrite ``notebooks/*.ipynb``; ``--check`` exits 1 when a
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "notebooks" / "src"
 OUT = ROOT / "notebooks"
 _HEADER = re.compile(r"^# %%(?P<rest>.*)$")
+HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 
 
 def function_source(module: str, name: str) -> str:
@@ -54,6 +57,24 @@ def function_source(module: str, name: str) -> str:
                 end += 1
             return "\n".join(lines[node.lineno - 1 : end])
     raise SystemExit(f"{path}: no top-level function {name!r} (named by a [solution] cell)")
+
+
+def exercise_tag_of(module: str, name: str) -> str:
+    """The ``"1.4"`` of ``vitseg_lab/<module>.py::name`` (its docstring's ``Exercise 1.4 · ...``)."""
+    path = ROOT / "vitseg_lab" / f"{module.replace('.', '/')}.py"
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            m = re.match(r"Exercise\s+(\d+\.\d+)", (ast.get_docstring(node) or "").strip())
+            if m:
+                return m.group(1)
+    raise SystemExit(f"{path}: {name} has no 'Exercise N.M · ...' docstring (named by a "
+                     "[solution] cell)")
+
+
+def hidden_block(tag: str, name: str) -> str:
+    """The hidden-test block of exercise ``tag``: record the learner's outputs (vitseg_lab.recorder)."""
+    return (f"{HIDDEN_BEGIN}\nfrom vitseg_lab.recorder import record\nrecord({tag!r}, {name})\n"
+            f"{HIDDEN_END}")
 
 
 def _meta(kind: str, grade_id: str, points: int | None = None) -> dict:
@@ -101,6 +122,7 @@ def build(src: Path) -> nbformat.NotebookNode:
         "language_info": {"name": "python"},
     }
     seen: set[str] = set()
+    exercise: tuple[str, str] | None = None      # (tag, function name) of the last [solution]
     for i, c in enumerate(parse(src)):
         kind, args, tags = c["kind"], c["args"], c["tags"]
         if kind == "markdown":
@@ -115,8 +137,16 @@ def build(src: Path) -> nbformat.NotebookNode:
                 cell.source = f"@plug({module.split('.')[-1]})\n{fn}" + (f"\n\n{body}" if body else "")
                 cell.metadata["nbgrader"] = _meta("solution", name)
                 gid = name
+                exercise = (exercise_tag_of(module, name), name)
             elif kind == "test":
                 gid = args[0]
+                if HIDDEN_BEGIN in body:
+                    raise SystemExit(f"{src}: [test] {gid} writes its own hidden block; the "
+                                     "builder adds it from the [solution] cell above")
+                if exercise is None:
+                    raise SystemExit(f"{src}: [test] {gid} has no [solution] cell before it")
+                cell.source = body + "\n" + hidden_block(*exercise)
+                exercise = None
                 points = int(next(a for a in args if a.startswith("points=")).split("=")[1])
                 cell.metadata["nbgrader"] = _meta("test", gid, points)
             elif kind == "readonly":

@@ -3,9 +3,9 @@
 Two kinds of reference material are removed:
 
 * **Library** (``vitseg_lab/**.py``): every ``### BEGIN SOLUTION`` … ``### END SOLUTION`` region is
-  replaced by ``raise ExerciseNotDone("N.M", NOTEBOOK)``. The exercise number comes from the first
+  replaced by ``raise ExerciseNotDone("N.M")``. The exercise number comes from the first
   docstring line of the enclosing function (``Exercise N.M · …``, read with ``ast``), the notebook
-  from the module's ``NOTEBOOK`` constant; indentation, signature and docstring are kept. The
+  from the chapter registry; indentation, signature and docstring are kept. The
   instructor-only package ``vitseg_lab/_grader/`` is left out.
 * **Notebooks**: each chapter notebook goes through ``nbgrader generate_assignment`` in the
   course folder (``tools.grading``), which strips solution cells and hidden tests; the student
@@ -27,6 +27,8 @@ import re
 import shutil
 import sys
 from pathlib import Path
+
+from vitseg_lab.exercises import notebook_of
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "vitseg_lab"
@@ -55,15 +57,6 @@ def _enclosing_function(tree: ast.Module, lineno: int) -> ast.FunctionDef | None
     return best
 
 
-def _notebook_constant(tree: ast.Module) -> str | None:
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "NOTEBOOK" for t in node.targets
-        ) and isinstance(node.value, ast.Constant):
-            return str(node.value.value)
-    return None
-
-
 def _imports_exercise_not_done(tree: ast.Module) -> bool:
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and any(
@@ -78,12 +71,11 @@ def strip_source(text: str, where: str = "<module>") -> tuple[str, list[str]]:
 
     Returns the new text and the exercise numbers stubbed. Raises ``StripError`` on an unclosed
     region, a region outside a function, a function without an ``Exercise N.M`` tag or a module
-    without ``NOTEBOOK``.
+    whose chapter is not in the registry (the notebook named in the stub comes from the tag).
     """
     if "### BEGIN SOLUTION" not in text:
         return text, []
     tree = ast.parse(text)
-    notebook = _notebook_constant(tree)
     lines = text.splitlines(keepends=True)
     out: list[str] = []
     tags: list[str] = []
@@ -112,11 +104,10 @@ def strip_source(text: str, where: str = "<module>") -> tuple[str, list[str]]:
                 f"{where}:{fn.lineno}: {fn.name} holds a solution region but its docstring does "
                 "not start with 'Exercise N.M · …'"
             )
-        if notebook is None:
-            raise StripError(f"{where}: solution regions need a module constant NOTEBOOK = '…'")
+        notebook = notebook_of(tag.group(1))
         ind = m.group("indent")
         out.append(f"{ind}# Written by the learner in {notebook}; @plug puts it here.\n")
-        out.append(f'{ind}raise ExerciseNotDone("{tag.group(1)}", NOTEBOOK)\n')
+        out.append(f'{ind}raise ExerciseNotDone("{tag.group(1)}")\n')
         tags.append(tag.group(1))
         i = j + 1
     new = "".join(out)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from .exercises import expect_shape
 from .train import TrainConfig
 
-NOTEBOOK = "notebooks/01_vit_attention.ipynb"
 
 
 # ----------------------------------------------------------------------------------------------

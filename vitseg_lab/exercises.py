@@ -2,9 +2,10 @@
 exercises, and check tensor shapes with messages a learner can act on.
 
 An exercise function lives in a chapter module (``vitseg_lab.attention``, ``vitseg_lab.segvit``...)
-and its first docstring line carries its tag: ``"Exercise 1.2 · ..."``. The chapter module has a
-``NOTEBOOK`` constant naming its notebook. ``plug`` replaces the module global; library code calls
-exercise functions through that global at call time, so the learner's version runs everywhere.
+and its first docstring line carries its tag: ``"Exercise 1.2 · ..."``; the tag's chapter number
+names the notebook (``vitseg_lab.chapters``), so a shared module can hold any chapter's exercises.
+``plug`` replaces the module global; library code calls exercise functions through that global at
+call time, so the learner's version runs everywhere.
 """
 
 from __future__ import annotations
@@ -27,16 +28,24 @@ class ExerciseNotDone(NotImplementedError):
     Carries the exercise number and notebook so the message says where to go, not where it failed.
     """
 
-    def __init__(self, exercise: str, notebook: str, what: str = ""):
+    def __init__(self, exercise: str, notebook: str | None = None, what: str = ""):
         self.exercise = exercise.replace("Exercise", "").strip()
-        self.notebook = notebook
-        msg = f"Exercise {self.exercise} ({notebook}) is not done yet"
+        self.notebook = notebook or notebook_of(self.exercise)
+        msg = f"Exercise {self.exercise} ({self.notebook}) is not done yet"
         msg += f": {what}" if what else ": write its solution cell and run it."
         super().__init__(msg)
 
 
 class ShapeError(ValueError):
     """A tensor does not have the shape an exercise's contract asks for."""
+
+
+def notebook_of(tag: str) -> str:
+    """The notebook of exercise ``tag`` (``"3.5"`` -> ``notebooks/03_segvit_atm.ipynb``)."""
+    from .chapters import chapter_of_tag
+
+    ch = chapter_of_tag(tag)
+    return ch.notebook if ch is not None else "its chapter notebook"
 
 
 def exercise_tag(fn: Callable) -> str | None:
@@ -97,7 +106,7 @@ def plug(module: types.ModuleType, *, quiet: bool = False) -> Callable[[Callable
                 "in the exercise."
             )
         tag = exercise_tag(original) or "?"
-        notebook = getattr(module, "NOTEBOOK", "its chapter notebook")
+        notebook = notebook_of(tag)
 
         @functools.wraps(fn)
         def plugged(*args, **kwargs):

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NOTEBOOK", "atm_loss", "dice_loss", "sigmoid_focal_loss"]
+__all__ = ["atm_loss", "dice_loss", "sigmoid_focal_loss"]
 
-NOTEBOOK = "notebooks/03_segvit_atm.ipynb"
 
 
 # ----------------------------------------------------------------------------------------------

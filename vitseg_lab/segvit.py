@@ -31,7 +31,6 @@ from .exercises import expect_shape
 from .train import TrainConfig
 
 __all__ = [
-    "NOTEBOOK",
     "PAPER",
     "ATMDecoderLayer",
     "ATMHead",
@@ -55,7 +54,6 @@ __all__ = [
     "slide_inference",
 ]
 
-NOTEBOOK = "notebooks/03_segvit_atm.ipynb"
 
 #: The paper's numbers (README = paper tables, METHODS.md §1.2-1.3): ADE20K val, 640 crop.
 PAPER = {

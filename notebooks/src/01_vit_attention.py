@@ -87,10 +87,6 @@ naive = torch.stack([x[:, :, i:i + 4, j:j + 4].reshape(2, -1)
                      for i in range(0, 12, 4) for j in range(0, 8, 4)], dim=1)
 assert torch.equal(out, naive), "patch order or flattening order differs from the row-by-row loop"
 print("patchify: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch01 as _G
-_G.check_patchify(patchify)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # Your `patchify` at work: the first scene cut into 8×8 patches (each tile below is one row of
@@ -140,10 +136,6 @@ ours = embed_tokens(patchify(imgs, 8), vit.patch_embed.proj.weight.flatten(1), v
 timms = vit._pos_embed(vit.patch_embed(imgs))
 assert torch.allclose(ours, timms, atol=1e-5), "patchify + embed_tokens should equal timm's patch embedding"
 print("embed_tokens: all visible tests passed (and match timm)")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch01 as _G
-_G.check_embed_tokens(embed_tokens)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # ## 1.3 A new resolution: resizing position embeddings
@@ -172,10 +164,6 @@ want = resample_abs_pos_embed(pe, new_size=[3, 7], old_size=[4, 6], num_prefix_t
 assert torch.allclose(out, want, atol=1e-5), \
     "values differ from timm's resample_abs_pos_embed: check the (h, w) reshape order and the bicubic settings"
 print("resize_pos_embed: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch01 as _G
-_G.check_resize_pos_embed(resize_pos_embed)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # One channel of a smooth 4×4 position field, resized to 9×12 by your function:
@@ -214,10 +202,6 @@ assert torch.allclose(big, torch.tensor([0.25, 0.75]), atol=1e-4), f"softmax([10
 masked = softmax(torch.full((2, 3), float("-inf")))
 assert torch.equal(masked, torch.zeros(2, 3)), f"an all -inf row should give zeros, got {masked.tolist()}"
 print("softmax: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch01 as _G
-_G.check_softmax(softmax)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # Dividing the scores by a **temperature** sharpens or flattens the weights — the reason
@@ -268,10 +252,6 @@ ref = Attention(C, num_heads=nh, qkv_bias=True).eval()
 ref.qkv, ref.proj = blk
 assert torch.allclose(out, ref(x), atol=1e-5), "output differs from timm's Attention with the same weights"
 print("multi_head_attention: all visible tests passed (and match timm)")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch01 as _G
-_G.check_multi_head_attention(multi_head_attention)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # ## Your functions run a real ViT
@@ -361,10 +341,6 @@ for m in maps:
     R = (A / A.sum(-1, keepdim=True)) @ R
 assert torch.allclose(r, R[:, 0, 1:], atol=1e-6), "four layers: multiply in order, last layer on the left"
 print("attention_rollout: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch01 as _G
-_G.check_attention_rollout(attention_rollout)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # Rollout of the trained model on held-out scenes, computed by your function:

@@ -117,10 +117,6 @@ for b in range(B):
 assert torch.allclose(sim, naive, atol=1e-5), \
     "values differ from the loop: check which channels belong to which head, and the 1/sqrt(dh) scale"
 print("atm_similarity: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch03 as _G
-_G.check_atm_similarity(atm_similarity)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # Your similarity at work, before any training. Make "layer tokens" out of the image itself —
@@ -183,10 +179,6 @@ for b in range(2):
                 naive[b, c, y, x] = sum(sim[b, j, c, y * 5 + x] for j in range(3)) / 3
 assert torch.allclose(m, naive, atol=1e-6), "values differ from the loop: mean over heads, row-major grid"
 print("atm_mask_logits: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch03 as _G
-_G.check_atm_mask_logits(atm_mask_logits)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # The colour tokens' masks, $\sigma$ of your head-averaged logits — already a segmentation of
@@ -224,10 +216,6 @@ assert torch.allclose(out[0], up, atol=1e-6), \
     "stage 1 (3 x 3) should be resized bilinearly (align_corners=False) to the last grid, 6 x 4"
 assert torch.allclose(out[1], up + mixed[1], atol=1e-6), "stage 2 = resized stage 1 + stage 2"
 print("cascade_masks: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch03 as _G
-_G.check_cascade_masks(cascade_masks)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # A coarse-to-fine cascade through your functions: the colour tokens read 16×16, then 8×8, then
@@ -275,10 +263,6 @@ for b in range(2):
 assert torch.allclose(seg, naive, atol=1e-5), \
     "values differ from the loop: softmax over K+1 classes, drop the last column, sum over tokens"
 print("semantic_scores: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch03 as _G
-_G.check_semantic_scores(semantic_scores)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # The whole untrained colour "SegViT" through your four functions: token $k$ is class $k$
@@ -351,10 +335,6 @@ for n in range(3):
 assert torch.allclose(fl, naive, atol=1e-5), \
     "values differ from the loop: check α_t, (1 - p_t)^γ, and the mean over valid pixels only"
 print("sigmoid_focal_loss: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch03 as _G
-_G.check_sigmoid_focal_loss(sigmoid_focal_loss)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # ## 3.6 Dice loss
@@ -381,10 +361,6 @@ for n in range(3):
     naive[n] = 1 - (2 * (p * tt).sum() + 1) / (p.sum() + tt.sum() + 1)
 assert torch.allclose(dl, naive, atol=1e-5), "values differ from the formula over valid pixels"
 print("dice_loss: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch03 as _G
-_G.check_dice_loss(dice_loss)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # Your two losses on one positive pixel as its logit moves (left), and on a 100-pixel mask whose
@@ -485,10 +461,6 @@ x = torch.randn(3, 24, 4, generator=torch.Generator().manual_seed(5))
 naive = torch.stack([x[:, r * 6 + c] for r in range(0, 4, 2) for c in range(0, 6, 2)], dim=1)
 assert torch.equal(query_downsample(x, (4, 6)), naive), "differs from the loop over even rows and columns"
 print("query_downsample: all visible tests passed")
-### BEGIN HIDDEN TESTS
-from vitseg_lab._grader import ch03 as _G
-_G.check_query_downsample(query_downsample)
-### END HIDDEN TESTS
 
 # %% [markdown]
 # Because attention rows are independent, a QD block gives *exactly* the full block's output at

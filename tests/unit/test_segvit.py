@@ -257,7 +257,9 @@ def test_exercise_tags_and_solution_regions():
     for m in (segvit, losses):
         src = inspect.getsource(m)
         assert src.count("### BEGIN SOLUTION") == src.count("### END SOLUTION")
-        assert m.NOTEBOOK == "notebooks/03_segvit_atm.ipynb"
+    from vitseg_lab.exercises import notebook_of
+
+    assert notebook_of("3.5") == notebook_of("3.1") == "notebooks/03_segvit_atm.ipynb"
 
 
 def _shrunk(img=64, depth=4, qd=2, K=3):

@@ -2,7 +2,8 @@
 
 The naive functions are written independently of ``vitseg_lab.attention``: loops over patches,
 heads and layers, the equations taken literally. Unit tests compare the library's reference
-against them; the hidden checks compare the learner's functions against them in a fresh process.
+against them; at grading time the verdict compares the learner's recorded outputs with them, in the
+grading process (``common.verdict``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-from .common import compare
+from .common import Bug, Check
 
 # ---------------------------------------------------------------- naive formulations
 
@@ -96,65 +97,49 @@ def naive_attention_rollout(attns, residual: float = 0.5):
     return out
 
 
-def naive_mha_out(**kw):
-    return naive_multi_head_attention(**kw)[0]
-
-
-def naive_mha_attn(**kw):
-    return naive_multi_head_attention(**kw)[1]
-
-
 # ---------------------------------------------------------------- hidden cases
+# Every case builder takes the grader's generator: values change per submission, shapes do not.
+# At least one case per exercise has a distinct size on every axis (B != H != W ...).
 
 
-def _g(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(1000 + seed)
+def cases_patchify(g):
+    cases = [dict(images=torch.randn(B, 3, H, W, generator=g), patch_size=p)
+             for B, H, W, p in [(2, 8, 12, 4), (3, 6, 6, 3), (1, 16, 8, 8), (1, 5, 5, 5)]]
+    cases.append(dict(images=torch.randn(2, 3, 8, 4, generator=g).double(), patch_size=2))
+    return cases
 
 
-def check_patchify(fn) -> None:
+def cases_embed_tokens(g):
     cases = []
-    for s, (B, H, W, p) in enumerate([(1, 8, 12, 4), (3, 6, 6, 3), (2, 16, 8, 8), (1, 5, 5, 5)]):
-        cases.append(dict(images=torch.randn(B, 3, H, W, generator=_g(s)), patch_size=p))
-    cases.append(dict(images=torch.randn(2, 3, 8, 4, generator=_g(9)).double(), patch_size=2))
-    compare(fn, "vitseg_lab._grader.ch01:naive_patchify", cases, what="patchify", atol=0, rtol=0)
-
-
-def check_embed_tokens(fn) -> None:
-    cases = []
-    for s, (B, L, D, C) in enumerate([(1, 3, 5, 4), (3, 6, 12, 7), (2, 1, 2, 3)]):
-        g = _g(s)
+    for B, L, D, C in [(2, 3, 5, 4), (3, 6, 12, 7), (2, 1, 2, 3)]:
         cases.append(dict(patches=torch.randn(B, L, D, generator=g),
                           weight=torch.randn(C, D, generator=g), bias=torch.randn(C, generator=g),
                           cls_token=torch.randn(1, 1, C, generator=g),
                           pos_embed=torch.randn(1, L + 1, C, generator=g)))
-    compare(fn, "vitseg_lab._grader.ch01:naive_embed_tokens", cases, what="embed_tokens")
+    return cases
 
 
-def check_resize_pos_embed(fn) -> None:
-    cases = []
-    for s, (old, new, C) in enumerate([((4, 4), (6, 3), 5), ((3, 5), (3, 5), 2),
-                                       ((6, 6), (2, 4), 3), ((2, 3), (7, 5), 4)]):
-        cases.append(dict(pos_embed=torch.randn(1, 1 + old[0] * old[1], C, generator=_g(s)),
-                          old_grid=old, new_grid=new))
-    compare(fn, "vitseg_lab._grader.ch01:naive_resize_pos_embed", cases, what="resize_pos_embed",
-            atol=1e-5)
+def cases_resize_pos_embed(g):
+    return [dict(pos_embed=torch.randn(1, 1 + old[0] * old[1], C, generator=g),
+                 old_grid=old, new_grid=new)
+            for old, new, C in [((4, 5), (6, 3), 7), ((3, 5), (3, 5), 2), ((6, 6), (2, 4), 3),
+                                ((2, 3), (7, 5), 4)]]
 
 
-def check_softmax(fn) -> None:
-    cases = [
-        dict(logits=torch.randn(4, 7, generator=_g(1)), dim=-1),
-        dict(logits=torch.randn(3, 5, 2, generator=_g(2)), dim=1),
-        dict(logits=torch.randn(2, 6, generator=_g(3)) * 50 + 1000.0, dim=-1),   # overflow bait
+def cases_softmax(g):
+    return [
+        dict(logits=torch.randn(4, 7, generator=g), dim=-1),
+        dict(logits=torch.randn(3, 5, 2, generator=g), dim=1),
+        dict(logits=torch.randn(2, 6, generator=g) * 50 + 1000.0, dim=-1),   # overflow bait
         dict(logits=torch.tensor([[0.0, float("-inf"), 1.0], [float("-inf")] * 3]), dim=-1),
-        dict(logits=torch.randn(5, generator=_g(4)).double(), dim=0),
+        dict(logits=torch.randn(5, generator=g).double(), dim=0),
+        dict(logits=torch.randn(2, 3, 4, generator=g), dim=0),
     ]
-    compare(fn, "vitseg_lab._grader.ch01:naive_softmax", cases, what="softmax", atol=1e-6)
 
 
-def _mha_cases():
+def cases_multi_head_attention(g):
     cases = []
-    for s, (B, N, C, nh) in enumerate([(1, 3, 4, 2), (2, 5, 6, 3), (1, 4, 8, 1)]):
-        g = _g(s)
+    for B, N, C, nh in [(2, 3, 4, 2), (2, 5, 6, 3), (1, 4, 8, 1), (3, 5, 8, 4)]:
         cases.append(dict(x=torch.randn(B, N, C, generator=g),
                           qkv_weight=torch.randn(3 * C, C, generator=g) / C ** 0.5,
                           qkv_bias=torch.randn(3 * C, generator=g),
@@ -163,29 +148,82 @@ def _mha_cases():
     return cases
 
 
-def check_multi_head_attention(fn) -> None:
-    # Graded on its own: the learner's softmax is swapped for the naive one during this check,
-    # so a mistake in exercise 1.4 does not cost points here too.
-    glb = getattr(getattr(fn, "__vitseg_learner_fn__", fn), "__globals__", {})
-    saved = glb.get("softmax")
-    glb["softmax"] = naive_softmax
-    try:
-        cases = _mha_cases()
-        compare(lambda **kw: fn(**kw)[0], "vitseg_lab._grader.ch01:naive_mha_out", cases,
-                what="multi_head_attention (output)", atol=1e-5, learner=fn)
-        compare(lambda **kw: fn(**kw)[1], "vitseg_lab._grader.ch01:naive_mha_attn", cases,
-                what="multi_head_attention (attention map)", atol=1e-5, learner=fn)
-    finally:
-        if saved is not None:
-            glb["softmax"] = saved
-
-
-def check_attention_rollout(fn) -> None:
+def cases_attention_rollout(g):
     cases = []
-    for s, (B, nh, N, layers) in enumerate([(1, 2, 5, 3), (2, 3, 4, 1), (1, 1, 7, 4)]):
-        g = _g(s)
-        attns = [torch.randn(B, nh, N, N, generator=g).softmax(-1) for _ in range(layers)]
-        cases.append(dict(attns=attns))
-    cases.append(dict(attns=cases[0]["attns"], residual=0.0))
-    compare(fn, "vitseg_lab._grader.ch01:naive_attention_rollout", cases, what="attention_rollout",
-            atol=1e-5)
+    for B, nh, N, layers in [(2, 3, 5, 4), (2, 3, 4, 1), (1, 1, 7, 4)]:
+        cases.append(dict(attns=[torch.randn(B, nh, N, N, generator=g).softmax(-1)
+                                 for _ in range(layers)]))
+    cases.append(dict(attns=[a.clone() for a in cases[0]["attns"]], residual=0.0))
+    return cases
+
+
+CHECKS = {
+    "1.1": Check("attention.patchify", cases_patchify, naive_patchify, atol=0, rtol=0),
+    "1.2": Check("attention.embed_tokens", cases_embed_tokens, naive_embed_tokens),
+    "1.3": Check("attention.resize_pos_embed", cases_resize_pos_embed, naive_resize_pos_embed),
+    "1.4": Check("attention.softmax", cases_softmax, naive_softmax, atol=1e-6),
+    # graded on its own: the learner's softmax (exercise 1.4) is replaced by torch's during the check
+    "1.5": Check("attention.multi_head_attention", cases_multi_head_attention,
+                 naive_multi_head_attention, substitutes={"softmax": "torch.softmax"}),
+    "1.6": Check("attention.attention_rollout", cases_attention_rollout, naive_attention_rollout),
+}
+
+# ---------------------------------------------------------------- planted bugs (real mistakes)
+
+BUGS = {
+    "1.1": [
+        Bug("x.permute(0, 2, 4, 1, 3, 5)", "x.permute(0, 2, 4, 3, 5, 1)",
+            "patch flattened (row, column, channel) instead of (channel, row, column)"),
+        Bug("x.permute(0, 2, 4, 1, 3, 5)", "x.permute(0, 4, 2, 1, 3, 5)",
+            "patches taken column by column"),
+        Bug("x = images.reshape(B, c, H // p, p, W // p, p)",
+            "x = images.reshape(B, c, W // p, p, H // p, p)", "H and W swapped (square images only)"),
+    ],
+    "1.2": [
+        Bug("x = patches @ weight.T + bias", "x = patches @ weight.T",
+            "bias forgotten"),
+        Bug("return torch.cat([cls, x], dim=1) + pos_embed",
+            "return torch.cat([x, cls], dim=1) + pos_embed", "CLS token appended at the end"),
+        Bug("return torch.cat([cls, x], dim=1) + pos_embed",
+            "return torch.cat([cls, x + pos_embed[:, 1:]], dim=1)",
+            "no position embedding on the CLS token"),
+    ],
+    "1.3": [
+        Bug("grid.reshape(1, h, w, C)", "grid.reshape(1, w, h, C)",
+            "position grid reshaped (w, h) instead of (h, w)"),
+        Bug('mode="bicubic"', 'mode="bilinear"', "bilinear instead of bicubic"),
+        Bug("return torch.cat([cls, grid], dim=1)", "return grid", "CLS entry dropped"),
+    ],
+    "1.4": [
+        Bug("e = torch.exp(logits - m)", "e = torch.exp(logits)",
+            "no max subtraction: overflows on large logits"),
+        Bug("m = logits.amax(dim=dim, keepdim=True)", "m = logits.amax(dim=-1, keepdim=True)",
+            "maximum taken over the last axis whatever dim says"),
+        Bug("s = e.sum(dim=dim, keepdim=True)", "s = e.sum(dim=-1, keepdim=True)",
+            "normalised over the last axis whatever dim says"),
+        Bug("m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))", "pass",
+            "fully masked rows give NaN"),
+        Bug("e = torch.exp(logits - m)", "logits -= m\n    e = torch.exp(logits)",
+            "the maximum subtracted in place: the caller's logits change"),
+    ],
+    "1.5": [
+        Bug("/ math.sqrt(d)", "", "no 1/sqrt(d) scale"),
+        Bug("qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4)",
+            "qkv.reshape(B, N, num_heads, 3, d).permute(3, 0, 2, 1, 4)",
+            "qkv split head-first instead of [q | k | v]"),
+        Bug("softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)",
+            "softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-2)",
+            "softmax over the query axis"),
+        Bug("(attn @ v).transpose(1, 2).reshape(B, N, C)", "(attn @ v).reshape(B, N, C)",
+            "heads merged without moving the head axis back"),
+    ],
+    "1.6": [
+        Bug("else a @ rollout", "else rollout @ a", "layers multiplied in the wrong order"),
+        Bug("a = residual * eye + (1 - residual) * a.mean(dim=1)", "a = a.mean(dim=1)",
+            "residual connection left out"),
+        Bug("return rollout[:, 0, 1:]", "return rollout[:, 1:, 0]", "CLS column instead of its row"),
+    ],
+}
+
+# Exercises whose first bug `make grade-demo` plants in its "buggy" learner (whole nbgrader pipeline).
+DEMO = ("1.3", "1.4", "1.6")

@@ -1,9 +1,8 @@
 """Hidden checks for chapter 03 (SegViT ATM), instructor-only.
 
 ``naive_*`` are independent formulations written as literal loops over the paper's indices (per
-batch item, head, class, pixel); ``check_*`` build deterministic hidden cases (other shapes,
-float64, edge cases) and compare the learner's function against them in a fresh process
-(``common.compare``). Only torch is imported here: the grader process stays light.
+batch item, head, class, pixel); ``cases_*`` build the hidden cases (other shapes, float64,
+edge cases) from the grader's generator; ``CHECKS`` and ``BUGS`` follow ``common``'s protocol. Only torch is imported here: the grader process stays light.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import compare
-
-_REF = "vitseg_lab._grader.ch03:"
+from .common import Bug, Check
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,103 +207,156 @@ def naive_atm_decoder(layer_params, class_tokens, layer_tokens, num_heads):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hidden checks
+# Hidden cases (values from the grader's generator, shapes fixed; a distinct size on every axis)
 # ----------------------------------------------------------------------------------------------
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def check_atm_similarity(fn):
-    g = _gen(301)
-    cases = [
+def cases_atm_similarity(g):
+    return [
         {"queries": torch.randn(2, 5, 12, generator=g), "keys": torch.randn(2, 7, 12, generator=g),
-             "num_heads": 3},
+         "num_heads": 3},
         {"queries": torch.randn(1, 3, 8, generator=g, dtype=torch.float64),
-             "keys": torch.randn(1, 11, 8, generator=g, dtype=torch.float64), "num_heads": 1},
+         "keys": torch.randn(1, 11, 8, generator=g, dtype=torch.float64), "num_heads": 1},
         {"queries": torch.randn(3, 1, 16, generator=g), "keys": torch.randn(3, 4, 16, generator=g),
-             "num_heads": 8},
+         "num_heads": 8},
     ]
-    compare(fn, _REF + "naive_atm_similarity", cases, what="atm_similarity")
 
 
-def check_atm_mask_logits(fn):
-    g = _gen(302)
-    cases = [
+def cases_atm_mask_logits(g):
+    return [
         {"sim": torch.randn(2, 3, 4, 15, generator=g), "grid": (3, 5)},
         {"sim": torch.randn(1, 5, 2, 12, generator=g, dtype=torch.float64), "grid": (4, 3)},
         # one head: the mask is the similarity itself; large logits must not be squashed
         {"sim": torch.randn(2, 1, 3, 6, generator=g) * 30, "grid": (2, 3)},
     ]
-    compare(fn, _REF + "naive_atm_mask_logits", cases, what="atm_mask_logits")
 
 
-def check_cascade_masks(fn):
-    g = _gen(303)
-    cases = [
+def cases_cascade_masks(g):
+    return [
         {"stage_logits": [torch.randn(2, 3, 4, 5, generator=g) for _ in range(3)]},
         # different grids: earlier stages are resized to the last one's
         {"stage_logits": [torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64),
-                           torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64),
-                           torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64)]},
+                          torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64),
+                          torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64)]},
         # a single stage is its own accumulation
-        {"stage_logits": [torch.randn(3, 4, 2, 2, generator=g)]},
+        {"stage_logits": [torch.randn(3, 4, 2, 5, generator=g)]},
     ]
-    compare(fn, _REF + "naive_cascade_masks", cases, what="cascade_masks")
 
 
-def check_semantic_scores(fn):
-    g = _gen(304)
-    cases = [
+def cases_semantic_scores(g):
+    return [
         {"class_logits": torch.randn(2, 4, 4, generator=g),
          "mask_logits": torch.randn(2, 4, 3, 5, generator=g)},
         # Q != K: tokens need not be bound to classes for the formula
         {"class_logits": torch.randn(1, 5, 3, generator=g, dtype=torch.float64),
-             "mask_logits": torch.randn(1, 5, 4, 2, generator=g, dtype=torch.float64)},
+         "mask_logits": torch.randn(1, 5, 4, 2, generator=g, dtype=torch.float64)},
         # large logits: softmax and sigmoid must stay finite
         {"class_logits": torch.randn(2, 3, 4, generator=g) * 80,
-             "mask_logits": torch.randn(2, 3, 2, 2, generator=g) * 80},
+         "mask_logits": torch.randn(2, 3, 2, 5, generator=g) * 80},
     ]
-    compare(fn, _REF + "naive_semantic_scores", cases, what="semantic_scores")
 
 
-def check_query_downsample(fn):
-    g = _gen(305)
-    cases = [
+def cases_query_downsample(g):
+    return [
         {"tokens": torch.randn(2, 24, 5, generator=g), "grid": (4, 6)},
         {"tokens": torch.randn(1, 35, 3, generator=g, dtype=torch.float64), "grid": (5, 7)},  # odd
         {"tokens": torch.randn(3, 6, 2, generator=g), "grid": (1, 6)},
     ]
-    compare(fn, _REF + "naive_query_downsample", cases, what="query_downsample")
 
 
 def _mask_case(g, N, P, dtype=torch.float32, scale=2.0, p_valid=0.8):
     return {"logits": torch.randn(N, P, generator=g, dtype=dtype) * scale,
-                "targets": (torch.rand(N, P, generator=g) < 0.3).to(dtype),
-                "valid": torch.rand(N, P, generator=g) < p_valid}
+            "targets": (torch.rand(N, P, generator=g) < 0.3).to(dtype),
+            "valid": torch.rand(N, P, generator=g) < p_valid}
 
 
-def check_sigmoid_focal_loss(fn):
-    g = _gen(306)
+def cases_sigmoid_focal_loss(g):
     c3 = _mask_case(g, 3, 9)
     c3["valid"][1] = False                      # a mask with no valid pixel: loss 0
-    cases = [
+    return [
         _mask_case(g, 4, 30),
         dict(_mask_case(g, 2, 17, torch.float64), alpha=0.5, gamma=1.0),
         c3,
         _mask_case(g, 2, 12, scale=40.0),      # large logits: must stay finite
     ]
-    compare(fn, _REF + "naive_sigmoid_focal_loss", cases, what="sigmoid_focal_loss")
 
 
-def check_dice_loss(fn):
-    g = _gen(307)
+def cases_dice_loss(g):
     c3 = _mask_case(g, 3, 9)
     c3["valid"][0] = False                      # no valid pixel: dice = 1 - 1/1 = 0
-    cases = [
+    return [
         _mask_case(g, 4, 30),
         _mask_case(g, 2, 17, torch.float64),
         c3,
         _mask_case(g, 2, 12, scale=40.0),
     ]
-    compare(fn, _REF + "naive_dice_loss", cases, what="dice_loss")
+
+
+CHECKS = {
+    "3.1": Check("segvit.atm_similarity", cases_atm_similarity, naive_atm_similarity),
+    "3.2": Check("segvit.atm_mask_logits", cases_atm_mask_logits, naive_atm_mask_logits),
+    "3.3": Check("segvit.cascade_masks", cases_cascade_masks, naive_cascade_masks),
+    "3.4": Check("segvit.semantic_scores", cases_semantic_scores, naive_semantic_scores),
+    "3.5": Check("losses.sigmoid_focal_loss", cases_sigmoid_focal_loss, naive_sigmoid_focal_loss),
+    "3.6": Check("losses.dice_loss", cases_dice_loss, naive_dice_loss),
+    "3.7": Check("segvit.query_downsample", cases_query_downsample, naive_query_downsample),
+}
+
+# ----------------------------------------------------------------------------------------------
+# Planted bugs: mistakes real learners make, each must cost its exercise
+# ----------------------------------------------------------------------------------------------
+
+BUGS = {
+    "3.1": [
+        Bug("/ math.sqrt(dh)", "", "no 1/sqrt(dh) scale"),
+        Bug("/ math.sqrt(dh)", "/ math.sqrt(d)", "scaled by the full width d"),
+        Bug("return q @ k.transpose(-2, -1) / math.sqrt(dh)",
+            "return q.float() @ k.transpose(-2, -1).float() / math.sqrt(dh)",
+            "computed in float32 whatever the input's dtype"),
+        Bug("q = queries.reshape(B, K, num_heads, dh).transpose(1, 2)",
+            "q = queries.reshape(B, num_heads, K, dh)", "heads split without a transpose"),
+    ],
+    "3.2": [
+        Bug("sim.mean(dim=1)", "sim.sum(dim=1)", "heads summed instead of averaged"),
+        Bug("sim.mean(dim=1).reshape(B, K, grid[0], grid[1])",
+            "sim.mean(dim=1).reshape(B, K, grid[1], grid[0]).transpose(-2, -1)",
+            "grid laid out column-major"),
+        Bug("sim.mean(dim=1)", "sim.softmax(dim=-1).mean(dim=1)", "softmax taken before the mean"),
+    ],
+    "3.3": [
+        Bug(".cumsum(dim=0)", ".sum(dim=0, keepdim=True).expand(len(stage_logits), -1, -1, -1, -1)",
+            "every stage gets the total"),
+        Bug('mode="bilinear", align_corners=False', 'mode="bilinear", align_corners=True',
+            "align_corners=True"),
+        Bug("size = stage_logits[-1].shape[-2:]", "size = stage_logits[0].shape[-2:]",
+            "resized to the first stage's grid"),
+    ],
+    "3.4": [
+        Bug("class_logits.softmax(dim=-1)[..., :-1]", "class_logits[..., :-1].softmax(dim=-1)",
+            "'no object' column dropped before the softmax"),
+        Bug("mask_logits.sigmoid()", "mask_logits", "mask logits used without a sigmoid"),
+        Bug("class_logits.softmax(dim=-1)[..., :-1]", "class_logits.softmax(dim=1)[..., :-1]",
+            "softmax over the tokens instead of the classes"),
+    ],
+    "3.5": [
+        Bug("loss.sum(-1) / valid.sum(-1).clamp(min=1)", "loss.mean(-1)",
+            "mean over all pixels, ignored ones included"),
+        Bug("alpha_t = alpha * targets + (1 - alpha) * (1 - targets)", "alpha_t = alpha",
+            "alpha applied to negatives too"),
+        Bug("(1 - p_t) ** gamma", "(1 - p_t)", "gamma ignored"),
+    ],
+    "3.6": [
+        Bug("p = logits.sigmoid() * valid", "p = logits.sigmoid()",
+            "ignored pixels counted in the prediction sums"),
+        Bug("/ (p.sum(-1) + t.sum(-1) + 1)", "/ (p.sum(-1) + t.sum(-1))", "no smoothing term"),
+        Bug("p = logits.sigmoid() * valid", "p = logits * valid", "logits used as probabilities"),
+    ],
+    "3.7": [
+        Bug("[:, ::2, ::2]", "[:, 1::2, 1::2]", "odd rows and columns kept"),
+        Bug("tokens.reshape(B, h, w, C)", "tokens.reshape(B, w, h, C)", "grid read as (w, h)"),
+        Bug("[:, ::2, ::2].reshape(B, -1, C)", "[:, ::2, ::2].transpose(1, 2).reshape(B, -1, C)",
+            "output in column-major order"),
+    ],
+}
+
+# Exercises whose first bug `make grade-demo` plants in its "buggy" learner (whole nbgrader pipeline).
+DEMO = ("3.2", "3.4", "3.6")
