@@ -23,11 +23,14 @@ The protocol every chapter module (``vitseg_lab/<slug>.py``) follows, exactly:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["CHAPTERS", "Chapter", "RunResult", "by_number", "chapter_of_tag", "get"]
+__all__ = ["CHAPTERS", "Chapter", "RunResult", "by_number", "chapter_of_tag", "checkpoint_meta",
+           "config_from_dict", "get", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +169,50 @@ class RunResult:
         mark = "reached" if self.reached else "NOT reached"
         return (f"{self.target_metric} = {self.value:.3f}{base_s}; target ≥ {self.target:g} "
                 f"{mark}; {self.seconds:.0f} s")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def checkpoint_meta(slug: str, cfg: Any, num_classes: int) -> dict[str, Any]:
+    """What ``fit(..., meta=...)`` stores so ``load_model`` can rebuild the model."""
+    return {"chapter": slug, "config": dataclasses.asdict(cfg), "num_classes": int(num_classes)}
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v, tp = values[f.name], hints.get(f.name)
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            v = config_from_dict(tp, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def load_model(checkpoint: str | Any, chapter: str | None = None, map_location: Any = "cpu"):
+    """Rebuild a chapter's model from a checkpoint written by ``fit(..., meta=checkpoint_meta(...))``.
+
+    ``chapter`` (a slug) is checked against the checkpoint's. Returns the model in eval mode, with
+    ``model.cfg`` the run's config.
+    """
+    from .train import CheckpointError, load_checkpoint
+
+    ck = load_checkpoint(checkpoint, map_location=map_location)
+    meta = ck.get("meta")
+    if not meta:
+        raise CheckpointError(f"{checkpoint} has no chapter information (written before the "
+                              "chapter protocol, or by fit() without meta=); retrain it.")
+    if chapter is not None and meta["chapter"] != chapter:
+        raise CheckpointError(f"{checkpoint} is a checkpoint of chapter {meta['chapter']!r}, "
+                              f"not {chapter!r}; use `vitseg-lab eval {meta['chapter']}`.")
+    ch = get(meta["chapter"])
+    mod = ch.load_module()
+    cfg = config_from_dict(getattr(mod, ch.config), meta["config"])
+    model = mod.build(cfg, meta["num_classes"])
+    model.load_state_dict(ck["model"])
+    return model.eval()

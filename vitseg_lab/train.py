@@ -290,8 +290,13 @@ def fit(
     val_data: Dataset | None = None,
     collate_fn: Callable | None = None,
     on_eval: Callable[[History], None] | None = None,
+    meta: dict | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``cfg.steps`` AdamW steps; see the module docstring.
+
+    ``meta`` (``chapters.checkpoint_meta``: the chapter, its config, the class count) is stored in
+    every checkpoint so ``chapters.load_model`` can rebuild the model; resuming a checkpoint whose
+    ``meta`` differs (another chapter or model configuration) is refused.
 
     Returns the History (also written to ``cfg.out_dir`` as metrics.csv and history.png). The model
     stays on the training device, in the train/eval mode it came in.
@@ -355,6 +360,12 @@ def fit(
                 raise CheckpointError(
                     f"Checkpoint {ckpt_path} does not fit this model or optimizer ({e!s:.200}); "
                     "use another out_dir, delete it, or set resume=False.") from e
+            if meta is not None and ck.get("meta") not in (None, meta):
+                old = ck["meta"]
+                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+                raise CheckpointError(
+                    f"Checkpoint {ckpt_path} was written by another run ({', '.join(diff)} "
+                    "differ); use another out_dir, delete it, or set resume=False.")
             step = ck["step"]
             changed = [k for k, v in asdict(cfg).items()
                        if k not in _FREE_TO_CHANGE and ck.get("config", {}).get(k) != v]
@@ -432,7 +443,7 @@ def fit(
                     save_checkpoint({
                         "model": raw.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "step": step, "rng": rngs,
-                        "config": asdict(cfg),
+                        "config": asdict(cfg), "meta": meta,
                         "data": {"epoch": step // steps_per_epoch,
                                  "batch": step % steps_per_epoch,
                                  "steps_per_epoch": steps_per_epoch, "world_size": world},
