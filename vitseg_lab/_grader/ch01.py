@@ -111,7 +111,7 @@ def cases_patchify(g):
 
 def cases_embed_tokens(g):
     cases = []
-    for B, L, D, C in [(2, 3, 5, 4), (3, 6, 12, 7), (2, 1, 2, 3)]:
+    for B, L, D, C in [(2, 3, 5, 7), (3, 6, 12, 7), (2, 1, 2, 3)]:
         cases.append(dict(patches=torch.randn(B, L, D, generator=g),
                           weight=torch.randn(C, D, generator=g), bias=torch.randn(C, generator=g),
                           cls_token=torch.randn(1, 1, C, generator=g),
@@ -164,8 +164,10 @@ CHECKS = {
     "1.4": Check("attention.softmax", cases_softmax, naive_softmax, atol=1e-6),
     # graded on its own: the learner's softmax (exercise 1.4) is replaced by torch's during the check
     "1.5": Check("attention.multi_head_attention", cases_multi_head_attention,
-                 naive_multi_head_attention, substitutes={"softmax": "torch.softmax"}),
-    "1.6": Check("attention.attention_rollout", cases_attention_rollout, naive_attention_rollout),
+                 naive_multi_head_attention, substitutes={"softmax": "torch.softmax"},
+                 square=("proj_weight",)),
+    "1.6": Check("attention.attention_rollout", cases_attention_rollout, naive_attention_rollout,
+                 square=("attns",)),
 }
 
 # ---------------------------------------------------------------- planted bugs (real mistakes)

@@ -43,7 +43,9 @@ class Check:
     reference: the naive formulation, called as ``reference(**case)`` · atol / rtol: float
     tolerances (compared in float64; integer and bool outputs must match exactly) · substitutes:
     names in the learner's globals replaced by a torch function while this check runs
-    (``{"softmax": "torch.softmax"}``), so a check grades one exercise, not the ones it calls.
+    (``{"softmax": "torch.softmax"}``), so a check grades one exercise, not the ones it calls ·
+    square: inputs whose last two axes are equal by contract (attention maps, C x C weights); every
+    other axis of some hidden case must have a size of its own (tests/unit/test_chapters.py).
     """
 
     target: str
@@ -52,6 +54,7 @@ class Check:
     atol: float = 1e-5
     rtol: float = 1e-4
     substitutes: dict[str, str] = field(default_factory=dict)
+    square: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
