@@ -1,6 +1,7 @@
 """A learner's session in a real browser: JupyterLab 4 in headless Chromium, driven like a person.
 
-For chapter 01 and the showcase chapter 03, on throw-away copies of the notebooks:
+For every chapter the registry marks ``browser=True`` (``vitseg_lab.chapters``), on throw-away
+copies of the notebooks:
 
 1. open the notebook, Run > Run All Cells (quick scale, as a learner runs it), no error output
    and nothing on stderr anywhere;
@@ -27,12 +28,13 @@ import nbformat
 import pytest
 from labdriver import Notebook
 
+from vitseg_lab.chapters import CHAPTERS, Chapter
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-CH01 = "01_vit_attention.ipynb"
-CH03 = "03_segvit_atm.ipynb"
-SHOWCASE = CH03 if (ROOT / "notebooks" / CH03).exists() else CH01
+BROWSER = [ch for ch in CHAPTERS.values() if ch.browser]
+SHOWCASE = Path(CHAPTERS["segvit"].notebook).name      # the course's entry point
 
 # Seconds. Generous for a loaded 2-core machine, still bounded; the test is about 4 minutes when
 # the machine is otherwise idle (timings.json says where the time went).
@@ -106,11 +108,7 @@ def _step(nb, area, probe, before, label, act, expect: dict, tensors: tuple[str,
 
 # ======================================================================================= 01
 
-@pytest.mark.timeout(CHAPTER_CEILING)
-def test_chapter01_runs_clean_and_attention_explorer_follows_its_controls(lab, page, shots,
-                                                                          timings):
-    _need(CH01)
-    nb = _open_and_run_all(lab, page, shots, timings, CH01)
+def drive_attention_explorer(nb, timings) -> None:
     t0 = time.monotonic()
     area = nb.widget_area(nb.cell_with("widgets.attention_explorer("))
     nb.figure(area)
@@ -150,17 +148,11 @@ def test_chapter01_runs_clean_and_attention_explorer_follows_its_controls(lab, p
     cur = _step(nb, area, probe, cur, "explorer-6-scene+1",
                 lambda: nb.press_slider(scene, "ArrowRight"), {"scene": s0 + 1}, ("map",))
     timings[f"{nb.name}: explorer, 6 controls"] = round(time.monotonic() - t0, 1)
-    assert not nb.error_outputs(), nb.error_outputs()[0][:3000]
-    nb.shot("end")
-    _assert_clean(nb)
 
 
 # ======================================================================================= 03
 
-@pytest.mark.timeout(CHAPTER_CEILING)
-def test_chapter03_runs_clean_and_mask_explorer_follows_its_controls(lab, page, shots, timings):
-    _need(CH03)
-    nb = _open_and_run_all(lab, page, shots, timings, CH03)
+def drive_mask_explorer(nb, timings) -> None:
     t0 = time.monotonic()
     area = nb.widget_area(nb.cell_with("widgets.mask_explorer("))
     nb.figure(area)
@@ -190,6 +182,27 @@ def test_chapter03_runs_clean_and_mask_explorer_follows_its_controls(lab, page, 
                 lambda: nb.press_slider(scene, "ArrowRight"), {"scene": s0 + 1},
                 ("sim", "mask"))
     timings[f"{nb.name}: explorer, 3 controls"] = round(time.monotonic() - t0, 1)
+
+
+# How each browser chapter's explorer is driven, by the explorer's function name.
+DRIVES = {"attention_explorer": drive_attention_explorer, "mask_explorer": drive_mask_explorer}
+
+
+def test_every_browser_chapter_has_an_explorer_drive():
+    for ch in BROWSER:
+        assert ch.explorer.split(":")[1] in DRIVES, (
+            f"chapter {ch.nn} runs in the browser test but DRIVES has no drive for its explorer "
+            f"{ch.explorer}: add one (see drive_mask_explorer)")
+
+
+@pytest.mark.timeout(CHAPTER_CEILING)
+@pytest.mark.parametrize("ch", BROWSER, ids=lambda c: c.slug)
+def test_chapter_runs_clean_and_its_explorer_follows_its_controls(ch: Chapter, lab, page, shots,
+                                                                  timings):
+    name = Path(ch.notebook).name
+    _need(name)
+    nb = _open_and_run_all(lab, page, shots, timings, name)
+    DRIVES[ch.explorer.split(":")[1]](nb, timings)
     assert not nb.error_outputs(), nb.error_outputs()[0][:3000]
     nb.shot("end")
     _assert_clean(nb)
@@ -211,12 +224,13 @@ def test_validate_button_passes_the_reference_notebook(lab, page, shots, timings
 
 
 def _stub_exercises(edition: Path, name: str) -> set[str]:
-    """Exercise numbers the student edition's library leaves to do for notebook ``name``."""
+    """Exercise numbers the student edition's library leaves to do for notebook ``name`` (the
+    chapter number of a tag names its notebook)."""
+    number = next(ch.number for ch in CHAPTERS.values() if Path(ch.notebook).name == name)
     todo = set()
     for py in (edition / "vitseg_lab").rglob("*.py"):
-        text = py.read_text()
-        if re.search(rf'^NOTEBOOK = "notebooks/{re.escape(name)}"', text, re.MULTILINE):
-            todo |= set(re.findall(r'raise ExerciseNotDone\("(\d+\.\d+)", NOTEBOOK\)', text))
+        todo |= {t for t in re.findall(r'raise ExerciseNotDone\("(\d+\.\d+)"\)', py.read_text())
+                 if t.split(".")[0] == str(number)}
     return todo
 
 
