@@ -183,3 +183,19 @@ def test_removing_any_part_fails_with_its_name(throwaway, monkeypatch):
             assert any(name in f for f in found), (name, found)
             monkeypatch.undo()
     assert chapter_check.missing_parts(ch, root) == []
+
+
+def test_readme_table_lists_the_registry_and_marks_the_rest_planned():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\|\s*(\d\d)\s*\|\s*`(notebooks/[^`]+)`.*\|\s*([^|]*?)\s*\|\s*$", readme,
+                      re.M)
+    assert rows, "the README has no chapter table"
+    known = {ch.nn: ch for ch in CH}
+    for nn, notebook, result in rows:
+        if nn in known:
+            assert notebook == known[nn].notebook, (nn, notebook)
+            assert result != "planned", f"chapter {nn} is built: state its quick-scale result"
+        else:
+            assert result == "planned", f"README row {nn} is not in the registry: mark it planned"
