@@ -15,8 +15,21 @@ $(STAMP):
 
 venv: $(STAMP)
 
-lab: venv                       ## open the course in JupyterLab
-	$(VENV)/bin/jupyter lab notebooks/
+# `make lab` is the learner's: the STUDENT edition (exercises to write), built once into
+# dist/student/ (`make student` rebuilds it and overwrites the work in it) and opened there with
+# its stub library first on the path. `make lab-instructor`: this repository's notebooks/, solved.
+STUDENT_DIR := dist/student
+ROOT_FLAG   := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+lab: venv                       ## learners: the student edition (dist/student/notebooks/) in JupyterLab
+	@test -d $(STUDENT_DIR)/notebooks || $(PY) -m tools.student --out $(STUDENT_DIR)
+	@$(if $(ROOT_FLAG),echo "make lab: running as root (a container?) so JupyterLab gets --allow-root.")
+	cd $(STUDENT_DIR) && PYTHONPATH="$(CURDIR)/$(STUDENT_DIR)" "$(CURDIR)/$(VENV)/bin/jupyter" lab $(ROOT_FLAG) notebooks/
+
+.PHONY: lab-instructor
+lab-instructor: venv            ## instructors: this repository's notebooks/ (solutions filled in)
+	@$(if $(ROOT_FLAG),echo "make lab-instructor: running as root so JupyterLab gets --allow-root.")
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
 test: venv                      ## everything CI runs
 	$(PY) -m tools.nbbuild --check

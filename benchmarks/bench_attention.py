@@ -48,11 +48,11 @@ def main() -> None:
         model = ExplicitViT(vit).to(a.device).eval()
         x = torch.rand(B, 3, size, size, device=a.device)
         with torch.no_grad():
-            t_timm = timeit(lambda: vit(x), a.repeats, a.device)
-            t_ours = timeit(lambda: model(x), a.repeats, a.device)
+            t_timm = timeit(lambda vit=vit, x=x: vit(x), a.repeats, a.device)
+            t_ours = timeit(lambda model=model, x=x: model(x), a.repeats, a.device)
             err = (model(x).logits - vit(x)).abs().max().item()
-        rows.append(dict(config=name, device=a.device, timm_ms=1e3 * t_timm,
-                         explicit_ms=1e3 * t_ours, ratio=t_ours / t_timm, max_abs_diff=err))
+        rows.append({"config": name, "device": a.device, "timm_ms": 1e3 * t_timm,
+                     "explicit_ms": 1e3 * t_ours, "ratio": t_ours / t_timm, "max_abs_diff": err})
         print(f"{name:28s} timm {1e3 * t_timm:8.2f} ms · explicit {1e3 * t_ours:8.2f} ms · "
               f"explicit/timm = {t_ours / t_timm:5.2f}x · max |diff| {err:.1e}")
     out = Path(__file__).parent / "results" / "bench_attention.json"

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from vitseg_lab import segvit
+from vitseg_lab import flops, segvit
 
 
 def main(argv=None) -> list[dict]:
@@ -25,8 +25,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     a = ap.parse_args(argv)
     t = time.perf_counter()
-    rows = segvit.flops_table(a.img, a.classes)
-    segvit.print_flops_table(rows)
+    rows = flops.flops_table(a.img, a.classes)
+    flops.print_flops_table(rows)
     print(f"(counted in {time.perf_counter() - t:.1f} s on the meta device)")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,17 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
 
-from .exercises import expect_shape
-from .train import TrainConfig
-
-
+from . import chapters, fullscale
+from .backbone import block_residual, create_vit, quick_vit
+from .data.common import collate
+from .data.shapes import ShapeScenes
+from .data.voc import VOCAug
+from .exercises import expect_shape, expect_tensor
+from .train import TrainConfig, run_chapter, skipped_run
 
 # ----------------------------------------------------------------------------------------------
 # Exercises
@@ -232,17 +236,19 @@ class ExplicitViT(nn.Module):
         pos = vit.pos_embed
         old_grid = tuple(vit.patch_embed.grid_size)
         if grid != old_grid:
-            pos = resize_pos_embed(pos, old_grid, grid)
+            pos = expect_tensor(resize_pos_embed(pos, old_grid, grid), name="resize_pos_embed")
         # Module globals are looked up at call time, so plugged exercises run here.
-        x = embed_tokens(patchify(images, p), conv.weight.flatten(1), conv.bias, vit.cls_token, pos)
+        patches = expect_tensor(patchify(images, p), name="patchify")
+        x = expect_tensor(embed_tokens(patches, conv.weight.flatten(1), conv.bias, vit.cls_token,
+                                       pos), name="embed_tokens")
         x = vit.norm_pre(vit.pos_drop(x))
         attns = []
         for blk in vit.blocks:
             a = blk.attn
-            y, attn = multi_head_attention(blk.norm1(x), a.qkv.weight, _bias(a.qkv), a.proj.weight,
-                                           _bias(a.proj), a.num_heads)
-            x = x + blk.drop_path1(blk.ls1(y))
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            y, attn = expect_tensor(
+                multi_head_attention(blk.norm1(x), a.qkv.weight, _bias(a.qkv), a.proj.weight,
+                                     _bias(a.proj), a.num_heads), name="multi_head_attention")
+            x = block_residual(blk, x, y)
             attns.append(attn)
         x = vit.norm(x)
         pooled = {"token": lambda t: t[:, 0], "avg": lambda t: t[:, 1:].mean(dim=1),
@@ -267,9 +273,14 @@ def cls_attention_map(out: ExplicitOutput, layer: int = -1) -> torch.Tensor:
 # Training: multi-label image classification on ShapeScenes (quick) or PASCAL VOC (full)
 # ----------------------------------------------------------------------------------------------
 
+SLUG = "attention"
+FULL_MODEL = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Knobs of chapter 01's training run. ``for_scale`` picks quick / full / smoke."""
+    """Knobs of chapter 01's run. ``for_scale`` picks quick / smoke / full; change a field with
+    ``dataclasses.replace(cfg, depth=2)``."""
 
     img_size: int = 64
     patch_size: int = 8
@@ -277,60 +288,73 @@ class AttentionConfig:
     depth: int = 4
     num_heads: int = 3
     global_pool: str = "token"      # "token": the CLS token feeds the classifier; "avg": mean of patches
+    dataset: str = "shapes"         # "shapes" (quick) | "voc" (full)
     num_train: int = 1024
     num_val: int = 256
     colors: tuple[str, ...] = ("red", "green", "blue")
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
-    model_name: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k"   # full scale only
+    model_name: str = "quick"       # "quick": quick_vit from the size fields; else a timm name
     pretrained: bool = False
+    # Evaluated 5 times (and once before training, the baseline) so the plot shows a curve;
+    # resume=False: a rerun of the notebook retrains instead of reloading the last run.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=150, batch_size=32, lr=2e-3, weight_decay=0.05, warmup_steps=15, eval_every=0,
-        log_every=10))
+        steps=150, batch_size=32, lr=2e-3, weight_decay=0.05, warmup_steps=15, eval_every=30,
+        log_every=10, out_dir="runs/attention-quick", resume=False))
+    target_metric: str = "exact_match"
     target: float = 0.80            # exact-match accuracy the quick run must reach
     # CPU threads while training (None: torch's default). The quick model's matmuls are too small
     # to split: on a busy 2-core machine 2 threads ran several times slower than 1 (spin-waits).
     num_threads: int | None = 1
 
     @classmethod
-    def quick(cls) -> "AttentionConfig":
+    def quick(cls) -> AttentionConfig:
+        """A 4-layer, 96-wide ViT from scratch on 64 x 64 ShapeScenes: CPU, well under a minute."""
         return cls()
 
     @classmethod
-    def smoke(cls) -> "AttentionConfig":
+    def smoke(cls) -> AttentionConfig:
         """What nbgrader runs: seconds, not minutes; it proves the code path, not accuracy."""
         q = cls()
-        return replace(q, num_train=64, num_val=32,
-                       train=replace(q.train, steps=4, batch_size=16, progress=False))
+        return replace(q, num_train=64, num_val=32, target=0.0,
+                       train=replace(q.train, steps=4, batch_size=16, eval_every=2,
+                                     progress=False, out_dir=None))
 
     @classmethod
-    def full(cls) -> "AttentionConfig":
+    def full(cls) -> AttentionConfig:
         """ViT-B/16 (ImageNet-21k, fine-tuned 1k) fine-tuned on VOC12 image-level labels."""
         return cls(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                   pretrained=True, target=0.0, num_threads=None,
+                   dataset="voc", model_name=FULL_MODEL, pretrained=True, target=0.0,
+                   target_metric="mAP", num_threads=None,
                    train=TrainConfig(steps=3000, batch_size=32, lr=5e-5, weight_decay=0.05,
                                      warmup_steps=200, eval_every=500, log_every=50,
-                                     head_lr_mult=10.0, out_dir="runs/ch01_full"))
+                                     head_lr_mult=10.0, out_dir="runs/attention-full"))
 
     @classmethod
-    def for_scale(cls, scale: str) -> "AttentionConfig":
+    def for_scale(cls, scale: str) -> AttentionConfig:
         presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
         if scale not in presets:
             raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
         return presets[scale]()
 
 
-def build_model(cfg: AttentionConfig, num_classes: int, num_token_classes: int = 0) -> ExplicitViT:
-    """A timm ViT (quick: tiny and random; full: pretrained ViT-B/16) wrapped in ExplicitViT."""
-    from .backbone import create_vit, quick_vit
+def build(cfg: AttentionConfig, num_classes: int) -> ExplicitViT:
+    """The chapter's model: a timm ViT (quick: tiny, random; full: pretrained) in ExplicitViT.
 
-    if cfg.pretrained:
-        vit = create_vit(cfg.model_name, pretrained=True, img_size=cfg.img_size,
-                         num_classes=num_classes)
-    else:
+    num_classes: as the data set counts them, background included; the classifier predicts the
+    ``num_classes - 1`` image-level labels and the token head labels every patch with one of
+    ``num_classes`` (token labelling needs the background too). The model keeps ``cfg``.
+    """
+    labels = num_classes - 1
+    if cfg.model_name == "quick":
         vit = quick_vit(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                        depth=cfg.depth, num_heads=cfg.num_heads, num_classes=num_classes,
+                        depth=cfg.depth, num_heads=cfg.num_heads, num_classes=labels,
                         global_pool=cfg.global_pool)
-    return ExplicitViT(vit, normalize=cfg.pretrained, num_token_classes=num_token_classes)
+    else:
+        vit = create_vit(cfg.model_name, pretrained=cfg.pretrained, img_size=cfg.img_size,
+                         num_classes=labels)
+    model = ExplicitViT(vit, normalize=cfg.pretrained, num_token_classes=num_classes)
+    model.cfg = cfg
+    return model
 
 
 def patch_label_distribution(semantic: torch.Tensor, patch_size: int, num_classes: int,
@@ -346,7 +370,7 @@ def patch_label_distribution(semantic: torch.Tensor, patch_size: int, num_classe
     return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def multilabel_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+def loss_fn(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """Binary cross-entropy on image-level labels, plus token labelling when the model has a head.
 
     batch["labels"]: (B, K) multi-hot; batch["semantic"]: (B, H, W) for the token labels.
@@ -387,12 +411,12 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def multilabel_metrics(model: nn.Module, loader) -> dict[str, float]:
+def metric_fn(model: nn.Module, loader) -> dict[str, float]:
     """mAP over classes, exact-match accuracy (every label right), per-label accuracy; and the
     CLS classifier's exact match beside the token readout's when the model labels tokens."""
     scores, cls_scores, targets = [], [], []
+    dev = next(model.parameters()).device
     for batch in loader:
-        dev = next(model.parameters()).device
         out = model(batch["image"].to(dev))
         scores.append(image_scores(out).float().cpu())
         cls_scores.append(out.logits.float().cpu())
@@ -405,57 +429,42 @@ def multilabel_metrics(model: nn.Module, loader) -> dict[str, float]:
             "cls_exact_match": ((c > 0) == y).all(dim=1).float().mean().item()}
 
 
-def quick_data(cfg: AttentionConfig):
+def quick_data(cfg: AttentionConfig) -> tuple[ShapeScenes, ShapeScenes]:
     """ShapeScenes train/val splits for this chapter (different seeds, no overlap)."""
-    from .data.shapes import ShapeScenes
-
-    kw = dict(size=cfg.img_size, colors=cfg.colors, shapes=cfg.shapes)
+    kw = {"size": cfg.img_size, "colors": cfg.colors, "shapes": cfg.shapes}
     return (ShapeScenes(cfg.num_train, seed=0, **kw), ShapeScenes(cfg.num_val, seed=1, **kw))
 
 
+def full_data(cfg: AttentionConfig) -> tuple[VOCAug, VOCAug]:
+    """PASCAL VOC 2012 + SBD: train_aug with random crops and flips, val resized."""
+    size = (cfg.img_size, cfg.img_size)
+    train = VOCAug(split="train_aug", transform=v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]))
+    return train, VOCAug(split="val", transform=v2.Resize(size, antialias=True))
+
+
 def full_scale_check(cfg: AttentionConfig | None = None) -> str | None:
-    """One line saying what the full-scale run is missing (CUDA, weights, VOC), or None."""
+    """None, or every piece the full-scale run lacks (GPU, weights, VOC), one line each."""
     cfg = cfg or AttentionConfig.full()
-    if not torch.cuda.is_available():
-        return ("Full scale needs a CUDA GPU (none found): run this notebook on a GPU machine "
-                "with `VITSEG_SCALE=full jupyter lab`.")
-    from .backbone import weights_available
-
-    if not weights_available(cfg.model_name):
-        return (f"Full scale needs the timm weights {cfg.model_name!r}: run `python -c \"import "
-                f"timm; timm.create_model('{cfg.model_name}', pretrained=True)\"` with network.")
-    from .data.fetch import missing_message
-
-    return missing_message("voc")
+    return fullscale.check(SLUG, cfg.model_name if cfg.pretrained else None, gpus=4)
 
 
-def run(cfg: AttentionConfig) -> dict:
-    """Train the chapter's classifier; returns {"model", "history", "metrics", "val"}."""
-    from .train import fit
-
-    if cfg.pretrained:
-        from torchvision.transforms import v2
-
-        from .data.voc import VOCAug
-
-        size = (cfg.img_size, cfg.img_size)
-        train_ds = VOCAug(split="train_aug", transform=v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
-            v2.RandomHorizontalFlip()]))
-        val_ds = VOCAug(split="val", transform=v2.Resize(size, antialias=True))
-        num_classes = 20
+def run(cfg: AttentionConfig) -> chapters.RunResult:
+    """Train the chapter's classifier and evaluate it; see ``chapters.RunResult``. The baseline
+    is the untrained model; at full scale with pieces missing nothing runs."""
+    if cfg.dataset == "voc":
+        missing = full_scale_check(cfg)
+        if missing:
+            return skipped_run(cfg, missing)
+        data, collate_fn = full_data(cfg), collate
+    elif cfg.dataset == "shapes":
+        data, collate_fn = quick_data(cfg), ShapeScenes.collate
     else:
-        train_ds, val_ds = quick_data(cfg)
-        num_classes = train_ds.num_classes - 1
-    # Token labels need masks: ShapeScenes has them (K + background classes); VOC has them too.
-    model = build_model(cfg, num_classes, num_token_classes=num_classes + 1)
-    collate = getattr(train_ds, "collate", None)
-    threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        history = fit(model, train_ds, cfg.train, multilabel_loss, multilabel_metrics,
-                      val_data=val_ds, collate_fn=collate)
-    finally:
-        torch.set_num_threads(threads)
-    return {"model": model, "history": history, "metrics": history.final, "val": val_ds}
+        raise ValueError(f"dataset={cfg.dataset!r}; use 'shapes' or 'voc'.")
+    return run_chapter(SLUG, cfg, build, loss_fn, metric_fn, data, data[0].num_classes,
+                       collate_fn)
+
+
+def load(checkpoint: str) -> ExplicitViT:
+    """The chapter's model rebuilt from a checkpoint written by ``run`` (eval mode, ``.cfg`` set)."""
+    return chapters.load_model(checkpoint, SLUG)

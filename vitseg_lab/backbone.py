@@ -25,7 +25,11 @@ from typing import Any
 
 import timm
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from timm.layers import Attention
+from timm.models import get_pretrained_cfg, is_model, parse_model_name, split_model_name_tag
+from timm.models._builder import _resolve_pretrained_source  # timm's own choice of weight source
+from timm.models._hub import hf_split
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -35,10 +39,12 @@ __all__ = [
     "BackboneOutput",
     "ViTBackbone",
     "WeightsNotFound",
+    "block_residual",
     "create_vit",
     "explicit_attention",
     "quick_vit",
     "weights_available",
+    "weights_problem",
 ]
 
 
@@ -60,7 +66,8 @@ def quick_vit(
     num_classes: int = 0,
     **kwargs: Any,
 ) -> VisionTransformer:
-    """The calibrated quick-scale ViT (DESIGN.md §4), random init; ``kwargs`` go to timm.
+    """The quick-scale ViT (4 blocks, width 96, 8 x 8 patches: sized so a chapter trains on 2 CPU
+    cores in under a minute), random init; ``kwargs`` go to timm.
 
     -> ``timm.models.VisionTransformer`` with ``dynamic_img_size=True`` (any H, W divisible by
     ``patch_size`` works; timm interpolates the position embedding).
@@ -121,13 +128,18 @@ def create_vit(
 
 def weights_available(name: str) -> bool:
     """True when ``create_vit(name, pretrained=True)`` would find its weights in the local cache."""
+    return weights_problem(name) is None
+
+
+def weights_problem(name: str) -> str | None:
+    """None when ``name``'s pretrained weights are cached, else one line: what is missing and the
+    command that fetches it (no network is tried)."""
     _check_known(name)
-    return _find_weights(name)[0] is not None
+    path, _, problem = _find_weights(name)
+    return None if path is not None else problem
 
 
 def _check_known(name: str) -> None:
-    from timm.models import is_model, parse_model_name, split_model_name_tag
-
     source, model_id = parse_model_name(name)
     if source is None and not is_model(split_model_name_tag(model_id)[0]):
         raise ValueError(
@@ -148,11 +160,6 @@ def _find_weights(name: str, overlay: dict | None = None) -> tuple[str | None, s
 
     -> (cached file or None, Hugging Face cache dir for timm or None, why it is missing).
     """
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg, parse_model_name
-    from timm.models._builder import _resolve_pretrained_source  # timm's own source choice
-    from timm.models._hub import hf_split
-
     source, model_id = parse_model_name(name)
     if source == "local-dir":
         return model_id, None, ""  # a local folder: timm reads it and names what is missing
@@ -215,8 +222,6 @@ def _missing(why: str) -> tuple[None, None, str]:
 @contextlib.contextmanager
 def _hf_offline() -> Iterator[None]:
     """``HF_HUB_OFFLINE=1`` for the duration (env var and huggingface_hub's import-time flag)."""
-    from huggingface_hub import constants
-
     old_env, old_flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
     os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
     try:
@@ -259,12 +264,21 @@ def explicit_attention(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tens
     return attn.proj_drop(attn.proj(out)), probs, logits
 
 
+def block_residual(blk: Block, x: Tensor, y: Tensor) -> Tensor:
+    """The rest of timm's pre-norm ``Block.forward`` once its attention output is known.
+
+    x: (B, N, C) the residual stream (the block's input, or QD's sub-sampled queries);
+    y: (B, N, C) the attention output ``blk.attn(blk.norm1(x))`` computed some other way.
+    -> (B, N, C): ``x + ls1(y)``, then the MLP branch, each with timm's drop-path.
+    """
+    x = x + blk.drop_path1(blk.ls1(y))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
 def _block_with_attn(blk: Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """timm ``Block.forward`` with ``explicit_attention``. x: (B, N, C) -> (x, probs, logits)."""
     y, probs, logits = explicit_attention(blk.attn, blk.norm1(x))
-    x = x + blk.drop_path1(blk.ls1(y))
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, probs, logits
+    return block_residual(blk, x, y), probs, logits
 
 
 @dataclass

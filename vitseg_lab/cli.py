@@ -1,36 +1,41 @@
 """Command line: ``vitseg-lab train|eval|data|bench`` (also ``python -m vitseg_lab``).
 
-No logic of its own: flags are generated from each chapter's config dataclass (``--img_size 64``,
-``--train.steps 2000``) and handed to the chapter's ``run(cfg)``. Under ``torchrun`` the same
-command trains on every GPU (``fit()`` sets up DDP from the environment):
+No logic of its own: the chapters are the registry's (``vitseg_lab.chapters.CHAPTERS``), flags are
+generated from each chapter's config dataclass (``--img_size 64``, ``--train.steps 2000``) and
+handed to the chapter's ``run(cfg)``. Under ``torchrun`` the same command trains on every GPU
+(``fit()`` sets up DDP from the environment):
 
     torchrun --nproc_per_node 4 -m vitseg_lab.cli train segvit --scale full
+
+``train`` exits with status 2, printing every missing piece, when a full-scale run cannot start;
+``eval CHAPTER --ckpt PATH`` rebuilds the model with the chapter's ``load`` and prints its
+``metric_fn`` on the validation data the checkpoint's config names.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
-# chapter name -> (module, config class)
-CHAPTERS = {
-    "attention": ("vitseg_lab.attention", "AttentionConfig"),
-    "segvit": ("vitseg_lab.segvit", "SegViTConfig"),
-}
+from . import chapters
+from .data import common, fetch
+from .train import CheckpointError, evaluate
+
+CHAPTERS = chapters.CHAPTERS  # slug -> Chapter: the registry is the one list of chapters
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+EXIT_MISSING = 2  # `train` could not start: pieces are missing (a batch job must not count it done)
 
 
 def _chapter(name: str):
     if name not in CHAPTERS:
         raise SystemExit(f"unknown chapter {name!r}; choose one of: {', '.join(CHAPTERS)}.")
-    mod_name, cls_name = CHAPTERS[name]
-    mod = importlib.import_module(mod_name)
-    return mod, getattr(mod, cls_name)
+    ch = CHAPTERS[name]
+    return ch.load_module(), ch.config_class()
 
 
 def _parse_bool(v: str) -> bool:
@@ -45,7 +50,7 @@ def _field_type(tp):
     """The argparse converter for a dataclass field type (None: not settable from the CLI)."""
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
         tp = args[0]
     if tp is bool:
         return _parse_bool
@@ -92,17 +97,43 @@ def _config(args):
 
 def cmd_train(args) -> int:
     mod, cfg = _config(args)
+    if args.scale == "full":  # before any weight or data set is touched: every missing piece
+        missing = mod.full_scale_check(cfg)
+        if missing:
+            print(missing, file=sys.stderr)
+            return EXIT_MISSING
     result = mod.run(cfg)
+    if result.skipped:
+        print(result.skipped, file=sys.stderr)
+        return EXIT_MISSING
+    print(result.summary())
     print({k: round(v, 4) if isinstance(v, float) else v
-           for k, v in (result.get("metrics") or {}).items()})
+           for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint} (evaluate it: vitseg-lab eval {args.chapter} "
+              f"--ckpt {result.checkpoint})")
     return 0
 
 
 def cmd_eval(args) -> int:
-    mod, cfg = _config(args)
-    if not hasattr(mod, "evaluate"):
-        raise SystemExit(f"chapter {args.chapter!r} has no evaluate(); train it with `train`.")
-    print(mod.evaluate(cfg, args.checkpoint))
+    mod, _ = _chapter(args.chapter)
+    if not Path(args.ckpt).is_file():
+        raise SystemExit(f"no checkpoint at {args.ckpt}; `vitseg-lab train {args.chapter}` "
+                         "writes one (its last line names the path).")
+    try:
+        model = mod.load(args.ckpt)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    cfg = model.cfg
+    quick = getattr(cfg, "dataset", "shapes") == "shapes"
+    if not quick and not hasattr(mod, "full_data"):
+        raise SystemExit(f"chapter {args.chapter!r} has no full_data(cfg) to evaluate a "
+                         "full-scale checkpoint with.")
+    val = (mod.quick_data(cfg) if quick else mod.full_data(cfg))[1]
+    metrics = evaluate(model, val, cfg.train, mod.loss_fn, mod.metric_fn,
+                       getattr(val, "collate", None) or common.collate)
+    print({k: round(v, 4) if isinstance(v, float) else v
+           for k, v in metrics.items() if isinstance(v, (int, float))})
     return 0
 
 
@@ -119,27 +150,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     # The chapter must be known before its config flags can be added.
     argv = sys.argv[1:] if argv is None else argv
     chapter = argv[1] if len(argv) > 1 and argv[0] in ("train", "eval") else None
-    for name, fn, hlp in (("train", cmd_train, "train a chapter's model"),
-                          ("eval", cmd_eval, "evaluate a checkpoint")):
-        p = sub.add_parser(name, help=hlp,
-                           epilog="Every config field is a flag: --FIELD V or --train.FIELD V.")
-        p.add_argument("chapter", choices=sorted(CHAPTERS))
-        p.add_argument("--scale", default="quick", choices=["smoke", "quick", "full"])
-        if name == "eval":
-            p.add_argument("checkpoint", help="path to a last.pt written by train")
-        if chapter in CHAPTERS:
-            _add_config_flags(p, _chapter(chapter)[1])
-        p.set_defaults(func=fn)
+    p = sub.add_parser("train", help="train a chapter's model",
+                       epilog="Every config field is a flag: --FIELD V or --train.FIELD V "
+                              "(e.g. --train.lr 1e-3).")
+    p.add_argument("chapter", choices=list(CHAPTERS))
+    p.add_argument("--scale", default="quick", choices=["smoke", "quick", "full"])
+    if chapter in CHAPTERS:
+        _add_config_flags(p, _chapter(chapter)[1])
+    p.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a checkpoint written by train")
+    e.add_argument("chapter", choices=list(CHAPTERS))
+    e.add_argument("--ckpt", required=True, help="a last.pt written by `vitseg-lab train`")
+    e.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="run a script from benchmarks/")
     b.add_argument("name")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
-    try:
-        from .data import fetch
-    except ImportError:  # the data layer is optional for the other commands
-        fetch = None
-    if fetch is not None:
-        fetch.add_data_commands(sub)
+    fetch.add_data_commands(sub)
     return ap
 
 

@@ -11,13 +11,28 @@ call time, so the learner's version runs everywhere.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import re
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["ExerciseNotDone", "ShapeError", "plug", "unplug", "expect_shape", "exercise_tag"]
+from .chapters import CHAPTERS, chapter_of_tag
+
+__all__ = [
+    "ExerciseNotDone",
+    "NotATensor",
+    "PlugNameError",
+    "PlugSignatureError",
+    "ShapeError",
+    "exercise_tag",
+    "expect_shape",
+    "expect_tensor",
+    "plug",
+    "unplug",
+]
 
 _TAG = re.compile(r"Exercise\s+(\d+\.\d+)")
 
@@ -40,10 +55,20 @@ class ShapeError(ValueError):
     """A tensor does not have the shape an exercise's contract asks for."""
 
 
+class NotATensor(ShapeError, TypeError):
+    """A learner's function returned something other than a torch.Tensor (numpy, a list...)."""
+
+
+class PlugNameError(NameError):
+    """``@plug(module)`` on a function whose name is not an exercise of ``module``."""
+
+
+class PlugSignatureError(TypeError):
+    """``@plug(module)`` on a function whose parameters differ from the exercise's."""
+
+
 def notebook_of(tag: str) -> str:
     """The notebook of exercise ``tag`` (``"3.5"`` -> ``notebooks/03_segvit_atm.ipynb``)."""
-    from .chapters import chapter_of_tag
-
     ch = chapter_of_tag(tag)
     return ch.notebook if ch is not None else "its chapter notebook"
 
@@ -92,21 +117,27 @@ def plug(module: types.ModuleType, *, quiet: bool = False) -> Callable[[Callable
                     n for n, v in vars(module).items()
                     if callable(v) and not n.startswith("_") and exercise_tag(v)
                 )
-                raise NameError(
+                raise PlugNameError(
                     f"{module.__name__} has no exercise called {name!r}; "
                     f"rename your function to one of: {', '.join(known) or '(none)'}."
                 )
             _ORIGINALS[key] = current
         original = _ORIGINALS[key]
-        want, got = _signature_names(original), _signature_names(fn)
-        if [n for n, _ in want] != [n for n, _ in got]:
-            raise TypeError(
-                f"{name} must take the parameters ({', '.join(n for n, _ in want)}) "
-                f"but yours takes ({', '.join(n for n, _ in got)}); keep the signature given "
-                "in the exercise."
-            )
         tag = exercise_tag(original) or "?"
         notebook = notebook_of(tag)
+        want, got = _signature_names(original), _signature_names(fn)
+        if [n for n, _ in want] != [n for n, _ in got]:
+            msg = (f"{name} must take the parameters ({', '.join(n for n, _ in want)}) "
+                   f"but yours takes ({', '.join(n for n, _ in got)}); keep the signature given "
+                   "in the exercise.")
+            # A previous attempt must not keep running silently: the library and the notebook
+            # name now both say that this plug was rejected.
+            rejected = _rejected(tag, notebook, f"your last version was rejected: {msg}")
+            setattr(module, name, rejected)
+            caller = sys._getframe(1).f_globals
+            if getattr(caller.get(name), "__vitseg_plugged__", False):
+                caller[name] = rejected
+            raise PlugSignatureError(msg)
 
         @functools.wraps(fn)
         def plugged(*args, **kwargs):
@@ -120,11 +151,28 @@ def plug(module: types.ModuleType, *, quiet: bool = False) -> Callable[[Callable
         plugged.__vitseg_plugged__ = True  # type: ignore[attr-defined]
         plugged.__vitseg_learner_fn__ = fn  # type: ignore[attr-defined]
         setattr(module, name, plugged)
-        if not quiet:
+        if not quiet and _is_stub(fn):
+            print(f"plugged: {module.__name__}.{name} (Exercise {tag}) is still the stub; write "
+                  "its body where it says YOUR CODE HERE and rerun this cell")
+        elif not quiet:
             print(f"plugged: {module.__name__}.{name} now runs your code (Exercise {tag})")
         return plugged
 
     return decorate
+
+
+def _rejected(tag: str, notebook: str, what: str) -> Callable:
+    def rejected(*args, **kwargs):
+        raise ExerciseNotDone(tag, notebook, what)
+
+    rejected.__vitseg_plugged__ = True  # type: ignore[attr-defined]
+    return rejected
+
+
+def _is_stub(fn: Callable) -> bool:
+    """True for a body that only raises NotImplementedError (the student edition's stub)."""
+    code = getattr(fn, "__code__", None)
+    return code is not None and set(code.co_names) == {"NotImplementedError"}
 
 
 def unplug(module: types.ModuleType, name: str | None = None) -> None:
@@ -174,6 +222,28 @@ def expect_shape(t: Any, spec: str, *, name: str = "tensor", **sizes: int) -> An
     return t
 
 
+def expect_tensor(t: Any, *, name: str = "your function") -> Any:
+    """Return ``t`` if it is a torch.Tensor (or a tuple of them); else raise ``NotATensor``.
+
+    Called where library code receives an exercise's result, so a numpy array or a list is named
+    at once instead of failing deep in the model (``'numpy.ndarray' has no attribute 'softmax'``).
+    """
+    import torch  # here: importing vitseg_lab stays light (see __init__)
+
+    items = t if isinstance(t, tuple) else (t,)
+    for i, x in enumerate(items):
+        if isinstance(x, torch.Tensor):
+            continue
+        what = f"{name}'s output {i}" if isinstance(t, tuple) else name
+        kind = f"{type(x).__module__}.{type(x).__name__}".replace("builtins.", "")
+        fix = {"numpy.ndarray": "compute it with torch operations (or torch.from_numpy(...)) so "
+                                "gradients can flow",
+               "list": "torch.stack(...) the list, or build the tensor without a Python list"}
+        raise NotATensor(f"{what} returned a {kind}, not a torch.Tensor; return a tensor: "
+                         f"{fix.get(kind, 'use torch operations only')}.")
+    return t
+
+
 def _short_exercise_traceback(shell, etype, value, tb, tb_offset=None):
     """IPython handler: show an unfinished exercise as one line, not a traceback into the library.
 
@@ -189,12 +259,41 @@ def _short_exercise_traceback(shell, etype, value, tb, tb_offset=None):
     return stb
 
 
+def _exercise_named(name: str | None) -> tuple[str, str, str] | None:
+    """(module, tag, notebook) of the registered exercise called ``name``, or None."""
+    if not name:
+        return None
+    for ch in CHAPTERS.values():
+        for mod in ch.exercise_modules:
+            fn = getattr(importlib.import_module(mod), name, None)
+            tag = exercise_tag(fn) if callable(fn) else None
+            if tag:
+                return mod.rsplit(".", 1)[-1], tag, notebook_of(tag)
+    return None
+
+
+def _notebook_exception(shell, etype, value, tb, tb_offset=None):
+    """IPython handler: course errors as one line; a NameError naming an exercise says which
+    cell defines it; any other NameError gets IPython's usual traceback."""
+    if issubclass(etype, NameError) and not issubclass(etype, PlugNameError):
+        found = _exercise_named(getattr(value, "name", None))
+        if found is None:
+            shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+            return None
+        mod, tag, notebook = found
+        value = NameError(f"{value.name} is Exercise {tag} ({notebook}): run its solution cell "
+                          f"(the one starting with @plug({mod})) before this one.")
+    return _short_exercise_traceback(shell, etype, value, tb, tb_offset)
+
+
 def install_notebook_hooks() -> None:
-    """In IPython, print ``ExerciseNotDone`` and ``ShapeError`` as one line (the cell still fails)."""
+    """In IPython, print the course's errors (unfinished exercise, shape, rejected plug) as one
+    line, and name the cell to run for a NameError on an exercise (the cell still fails)."""
     try:
         from IPython import get_ipython
     except ImportError:  # plain Python: nothing to install
         return
     ip = get_ipython()
     if ip is not None:
-        ip.set_custom_exc((ExerciseNotDone, ShapeError), _short_exercise_traceback)
+        ip.set_custom_exc((ExerciseNotDone, ShapeError, PlugNameError, PlugSignatureError,
+                           NameError), _notebook_exception)

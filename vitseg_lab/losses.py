@@ -1,8 +1,9 @@
 """Segmentation losses: sigmoid focal and dice on binary masks, and SegViT's ATM criterion.
 
-Chapter 03 (SegViT, METHODS.md §1.1) trains every cascade stage with
-``1.0·CE(class) + 20·focal(mask) + 1.0·dice(mask)``: a (K+1)-way cross-entropy per class token
-("no object" weighted 0.1) and two mask losses on the classes present in the image.
+Chapter 03 (SegViT, Zhang et al., NeurIPS 2022; the weights are its official code's) trains every
+cascade stage with ``1.0·CE(class) + 20·focal(mask) + 1.0·dice(mask)`` (focal: Lin et al., ICCV
+2017; dice: Milletari et al., 3DV 2016): a (K+1)-way cross-entropy per class token ("no object"
+weighted 0.1) and two mask losses on the classes present in the image.
 
 Ignore pixels (label 255): the official code leaves them out of the list of present classes but
 counts them as negatives in every binary mask target. This course leaves them out of the mask

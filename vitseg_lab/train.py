@@ -30,6 +30,7 @@ import math
 import os
 import random
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -40,12 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from . import device as best_device
+from .chapters import RunResult, checkpoint_meta
+
 __all__ = ["CheckpointError", "History", "TrainConfig", "evaluate", "fit", "load_checkpoint",
-           "lr_at", "param_groups", "save_checkpoint", "to_device", "unwrap"]
+           "lr_at", "num_threads", "param_groups", "run_chapter", "save_checkpoint",
+           "seed_everything", "skipped_run", "to_device", "unwrap"]
 
 SCHEDULES = ("cosine", "poly", "constant")
 # Settings a resumed run may change without changing its result (steps extends the schedule).
@@ -259,14 +265,18 @@ class History:
     def plot(self, ax=None):
         """Loss terms (left) and eval metrics (right) against step -> matplotlib Figure.
 
-        With ``ax``, losses go on ``ax`` and metrics on its twin y-axis."""
-        from matplotlib.figure import Figure
-
+        Without ``ax`` the figure is a pyplot figure, so ``plt.show()`` (or the end of a notebook
+        cell) draws it; with ``ax``, losses go on ``ax`` and metrics on its twin y-axis."""
         if ax is None:
-            fig = Figure(figsize=(10, 3.5), layout="constrained")
-            ax_loss, ax_metric = fig.subplots(1, 2)
+            import matplotlib.pyplot as plt  # here, not at import: fit() never needs pyplot
+
+            fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
         else:
             fig, ax_loss, ax_metric = ax.figure, ax, ax.twinx()
+        self._draw(ax_loss, ax_metric)
+        return fig
+
+    def _draw(self, ax_loss, ax_metric) -> None:
         for a, rows, style in ((ax_loss, [r for r in self.rows if "lr" in r], "-"),
                                (ax_metric, [r for r in self.rows if "lr" not in r], "o-")):
             for key in dict.fromkeys(k for r in rows for k in r if k not in ("step", "lr")):
@@ -277,7 +287,28 @@ class History:
             a.set_xlabel("step")
         ax_loss.set_ylabel("train loss")
         ax_metric.set_ylabel("eval")
-        return fig
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch: the one place a chapter's ``run`` and ``fit`` seed from."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Run the block on ``n`` torch CPU threads (None: leave the setting), then restore it.
+
+    Small models on a busy machine train faster on one thread: with more, torch's workers
+    spin-wait on each other's tiny matmuls."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def fit(
@@ -323,7 +354,7 @@ def fit(
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(minutes=60))
             cleanup.callback(dist.destroy_process_group)
-        _seed_all(cfg.seed + rank)
+        seed_everything(cfg.seed + rank)
 
         # -- model, optimizer, schedule ---------------------------------------------------------
         raw = model.to(device)
@@ -453,6 +484,37 @@ def fit(
     return history
 
 
+def run_chapter(slug: str, cfg: Any, build: Callable, loss_fn: Callable, metric_fn: Callable,
+                data: tuple[Dataset, Dataset], num_classes: int, collate_fn: Callable | None = None):
+    """What every chapter's ``run(cfg)`` does once its data is chosen -> ``chapters.RunResult``.
+
+    Seeds once (``cfg.train.seed``), builds the model, evaluates it untrained on the validation
+    data (the baseline, also the first point of the eval curve), trains with ``fit`` on
+    ``cfg.num_threads`` threads with the chapter's checkpoint ``meta``, and reports.
+    """
+    t0 = time.perf_counter()
+    train_ds, val_ds = data
+    seed_everything(cfg.train.seed)
+    model = build(cfg, num_classes)
+    with num_threads(cfg.num_threads):
+        baseline = evaluate(model, val_ds, cfg.train, loss_fn, metric_fn, collate_fn)
+        history = fit(model, train_ds, cfg.train, loss_fn, metric_fn, val_data=val_ds,
+                      collate_fn=collate_fn, meta=checkpoint_meta(slug, cfg, num_classes))
+    history.rows.insert(0, {"step": 0, **{k: float(v) for k, v in baseline.items()
+                                          if isinstance(v, (int, float))}})
+    history.rewrite_csv()
+    out = cfg.train.out_dir
+    return RunResult(model, history, history.final, cfg.target_metric, cfg.target,
+                     time.perf_counter() - t0, asdict(cfg), baseline=baseline,
+                     checkpoint=str(Path(out) / "last.pt") if out else None, val=val_ds)
+
+
+def skipped_run(cfg: Any, message: str):
+    """The ``chapters.RunResult`` of a run that could not start (``message``: what is missing)."""
+    return RunResult(None, None, {}, cfg.target_metric, cfg.target, 0.0, asdict(cfg),
+                     skipped=message)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn, metric_fn=None,
              collate_fn=None, device=None, prefix: str = "val_") -> dict:
@@ -577,8 +639,6 @@ def _pick_device(name: str, local_rank: int | None) -> torch.device:
     if name == "auto":
         if local_rank is not None:
             return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        from vitseg_lab import device as best_device
-
         return best_device()
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -592,12 +652,6 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     if cfg.amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _get_rng() -> dict:
@@ -619,7 +673,10 @@ def _set_rng(state: dict) -> None:
 
 
 def _save_plot(history: History, path: Path) -> None:
+    # A Figure outside pyplot: saving it mid-training must not add a figure to a notebook cell.
+    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    history._draw(*fig.subplots(1, 2))
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
-    history.plot().savefig(tmp, format="png", dpi=100)
+    fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, path)

@@ -7,14 +7,15 @@ keeps its state on that widget (``explorer.state``) so tests and follow-up cells
 
 from __future__ import annotations
 
-import ipywidgets as W
+import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
-from . import viz
+from . import segvit, viz  # the module: plugged exercises are looked up at call time
 
 
-def _render(out: W.Output, draw) -> None:
+def _render(out: widgets.Output, draw) -> None:
     """Redraw a matplotlib figure inside an Output widget."""
     with out:
         out.clear_output(wait=True)
@@ -25,7 +26,7 @@ def _render(out: W.Output, draw) -> None:
 
 # ---------------------------------------------------------------------------------- chapter 01
 
-def attention_explorer(model, dataset, index: int = 0) -> W.VBox:
+def attention_explorer(model, dataset, index: int = 0) -> widgets.VBox:
     """Chapter 01: where does one patch (or the CLS token) attend, per layer and head?
 
     Args:
@@ -40,14 +41,14 @@ def attention_explorer(model, dataset, index: int = 0) -> W.VBox:
     img0 = dataset[index]["image"]
     h, w = (s // model.patch_size for s in img0.shape[-2:])
 
-    scene = W.IntSlider(value=index, min=0, max=len(dataset) - 1, description="scene")
-    layer = W.Dropdown(options=list(range(depth)), value=depth - 1, description="layer")
-    head = W.Dropdown(options=["mean"] + list(range(heads)), value="mean", description="head")
-    query = W.ToggleButtons(options=["patch", "CLS"], value="patch", description="query")
-    row = W.IntSlider(value=h // 2, min=0, max=h - 1, description="patch row")
-    col = W.IntSlider(value=w // 2, min=0, max=w - 1, description="patch col")
-    out = W.Output()
-    box = W.VBox([W.HBox([scene, layer, head]), W.HBox([query, row, col]), out])
+    scene = widgets.IntSlider(value=index, min=0, max=len(dataset) - 1, description="scene")
+    layer = widgets.Dropdown(options=list(range(depth)), value=depth - 1, description="layer")
+    head = widgets.Dropdown(options=["mean"] + list(range(heads)), value="mean", description="head")
+    query = widgets.ToggleButtons(options=["patch", "CLS"], value="patch", description="query")
+    row = widgets.IntSlider(value=h // 2, min=0, max=h - 1, description="patch row")
+    col = widgets.IntSlider(value=w // 2, min=0, max=w - 1, description="patch col")
+    out = widgets.Output()
+    box = widgets.VBox([widgets.HBox([scene, layer, head]), widgets.HBox([query, row, col]), out])
     box.state = {}
     cache: dict[int, list[torch.Tensor]] = {}
 
@@ -90,7 +91,7 @@ def attention_explorer(model, dataset, index: int = 0) -> W.VBox:
 
 # ---------------------------------------------------------------------------------- chapter 03
 
-def mask_explorer(model, dataset, class_names: list[str], index: int = 0) -> W.VBox:
+def mask_explorer(model, dataset, class_names: list[str], index: int = 0) -> widgets.VBox:
     """Chapter 03: one class token at one cascade stage — its similarity map, its mask, the truth.
 
     Args:
@@ -103,21 +104,21 @@ def mask_explorer(model, dataset, class_names: list[str], index: int = 0) -> W.V
         ``mask`` (sigmoid of the accumulated logits, (h, w)) and ``p_class`` (the token's
         probability of its own class).
     """
-    import torch.nn.functional as F
-
-    from . import segvit  # the module, so the learner's plugged functions are looked up now
-
     model.eval()
     layers = list(reversed(model.backbone.out_layers))       # decoding order: deepest first
     K = len(class_names)
-    scene = W.IntSlider(value=index, min=0, max=len(dataset) - 1, description="scene")
-    token = W.Dropdown(options=[(f"{k}: {n}", k) for k, n in enumerate(class_names)],
-                       value=1 if K > 1 else 0, description="class token")
-    stage = W.Dropdown(options=[(f"{s + 1} (ViT block {b + 1})", s)
-                                for s, b in enumerate(layers)],
-                       value=len(layers) - 1, description="stage")
-    out = W.Output()
-    box = W.VBox([W.HBox([scene, token, stage]), out])
+    scene = widgets.IntSlider(value=index, min=0, max=len(dataset) - 1, description="scene")
+    # Open on a class the first scene shows (not one absent from it).
+    present = [int(k) for k in dataset[index]["semantic"].unique() if 0 < k < K]
+    token = widgets.Dropdown(options=[(f"{k}: {n}", k) for k, n in enumerate(class_names)],
+                             value=present[0] if present else min(1, K - 1),
+                             description="class token")
+    # Blocks 0-based, as model.backbone.out_layers and the notebook print them.
+    stage = widgets.Dropdown(options=[(f"{s + 1} (ViT block {b}, 0-based)", s)
+                                      for s, b in enumerate(layers)],
+                             value=len(layers) - 1, description="stage")
+    out = widgets.Output()
+    box = widgets.VBox([widgets.HBox([scene, token, stage]), out])
     box.state = {}
     cache: dict[int, object] = {}
 

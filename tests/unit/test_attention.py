@@ -128,13 +128,55 @@ def test_explicit_vit_grads_reach_patch_embedding():
 def test_config_presets():
     for s in ("quick", "smoke", "full"):
         cfg = A.AttentionConfig.for_scale(s)
-        assert cfg.train.steps > 0
+        assert cfg.train.steps > 0 and cfg.target_metric in ("exact_match", "mAP")
+    q = A.AttentionConfig.quick()
+    assert q.target_metric == "exact_match" and q.target >= 0.8 and q.train.out_dir
+    assert not q.train.resume, "a rerun of the notebook must retrain, not reload the last run"
+    assert 3 <= q.train.steps // q.train.eval_every <= 6, "a few evaluations: a curve, cheaply"
     assert A.AttentionConfig.smoke().train.steps < 10
     with pytest.raises(ValueError, match="scale"):
         A.AttentionConfig.for_scale("huge")
 
 
-def test_smoke_run_trains_and_reports_metrics():
-    res = A.run(A.AttentionConfig.smoke())
-    assert set(res["metrics"]) >= {"exact_match", "label_acc"}
-    assert 0.0 <= res["metrics"]["exact_match"] <= 1.0
+def test_build_counts_classes_as_the_data_set_does():
+    cfg = A.AttentionConfig.smoke()
+    train, _ = A.quick_data(cfg)
+    model = A.build(cfg, train.num_classes)
+    assert model.cfg is cfg
+    batch = train.collate([train[i] for i in range(3)])
+    out = model(batch["image"])
+    assert out.logits.shape == batch["labels"].shape          # background is no image label
+    assert out.token_logits.shape[-1] == train.num_classes    # ...but a token label
+    terms = A.loss_fn(model, batch)
+    assert set(terms) == {"cls", "token", "mil", "loss"}
+    terms["loss"].backward()
+
+
+def test_smoke_run_returns_a_run_result_and_a_checkpoint_load_rebuilds(tmp_path):
+    from dataclasses import asdict, replace
+
+    from vitseg_lab import chapters
+
+    cfg = A.AttentionConfig.smoke()
+    cfg = replace(cfg, train=replace(cfg.train, out_dir=str(tmp_path)))
+    res = A.run(cfg)
+    assert isinstance(res, chapters.RunResult) and res.skipped is None
+    assert set(res.metrics) >= {"exact_match", "label_acc", "mAP"}
+    assert 0.0 <= res.value <= 1.0 and set(res.baseline) == set(res.metrics)
+    assert res.config == asdict(cfg) and res.target == cfg.target
+    assert [r["step"] for r in res.history.rows if "lr" not in r] == [0, 2, 4]
+    model = A.load(res.checkpoint)
+    assert model.cfg == cfg
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_full_scale_run_without_its_pieces_lists_every_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = A.run(A.AttentionConfig.full())
+    assert res.model is None and res.skipped == A.full_scale_check()
+    head, *lines = res.skipped.splitlines()
+    assert head.startswith("Full scale of chapter 01") and lines[0].startswith("- a CUDA GPU")
+    assert all(line.startswith("- ") and "`" in line for line in lines)
+    if A.fullscale.missing_message("voc"):
+        assert any("vitseg-lab data download voc" in line for line in lines)

@@ -87,8 +87,6 @@ def test_plug_takes_effect_inside_model_forward():
 
 
 def test_plug_takes_effect_inside_fit():
-    from vitseg_lab.train import TrainConfig
-
     calls = []
 
     @plug(attention, quiet=True)
@@ -175,16 +173,103 @@ def test_scale_env(monkeypatch):
 
 
 def test_library_never_binds_exercises_early():
-    """No `from vitseg_lab.<chapter> import <exercise>` outside the chapter module itself."""
-    import re
+    """No `from vitseg_lab.<module> import <exercise>` outside the exercise's own module: importing
+    a module's classes is fine, binding one of its exercise functions would bypass plug()."""
+    import ast
+    import importlib
     from pathlib import Path
 
+    from vitseg_lab.chapters import CHAPTERS
+
+    modules = {m for ch in CHAPTERS.values() for m in ch.exercise_modules}
+    exercises = {m: {n for n, v in vars(importlib.import_module(m)).items()
+                     if callable(v) and exercise_tag(v)} for m in modules}
     root = Path(vl.__file__).parent
-    chapters = {"attention", "segvit", "tokens", "afa", "restr", "zeroshot", "losses"}
-    pat = re.compile(r"from\s+(?:vitseg_lab)?\.?(%s)\s+import" % "|".join(chapters))
     for py in root.rglob("*.py"):
         if "_grader" in py.parts:
             continue
-        for m in pat.finditer(py.read_text()):
-            assert m.group(1) == py.stem, f"{py.name} binds {m.group(1)} exercises early"
+        for node in ast.walk(ast.parse(py.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            mod = node.module if node.level == 0 else f"vitseg_lab.{node.module}"
+            bound = {a.name for a in node.names} & exercises.get(mod, set())
+            assert not bound, f"{py.name} binds {mod} exercises early: {sorted(bound)}"
     assert isinstance(attention, types.ModuleType)
+
+
+@pytest.mark.parametrize("bad,kind", [(lambda t: t.numpy(), "numpy.ndarray"),
+                                      (lambda t: t.tolist(), "list")])
+def test_a_learner_function_returning_numpy_or_a_list_is_named_in_one_sentence(bad, kind):
+    from vitseg_lab.backbone import quick_vit
+    from vitseg_lab.exercises import NotATensor
+
+    reference = attention.patchify
+
+    @plug(attention, quiet=True)
+    def patchify(images, patch_size):
+        return bad(reference(images, patch_size).detach())
+
+    model = attention.ExplicitViT(quick_vit(img_size=16, patch_size=8, embed_dim=12, depth=1,
+                                            num_heads=2, num_classes=3))
+    with pytest.raises(NotATensor) as e:
+        model(torch.randn(1, 3, 16, 16))
+    msg = str(e.value)
+    assert msg.startswith(f"patchify returned a {kind}, not a torch.Tensor; return a tensor")
+    assert "\n" not in msg and isinstance(e.value, ShapeError)   # one line in the notebook
+    assert vl.expect_tensor(torch.zeros(1), name="x") is not None
+    with pytest.raises(NotATensor, match="output 1"):
+        vl.expect_tensor((torch.zeros(1), [1.0]), name="multi_head_attention")
+
+
+def test_a_rejected_plug_replaces_the_previous_attempt_everywhere():
+    @plug(attention, quiet=True)
+    def softmax(logits, dim=-1):
+        return logits.softmax(dim)
+
+    # A notebook: the cell's globals hold the previous attempt under the exercise's name.
+    namespace = {"softmax": softmax, "plug": plug, "attention": attention}
+    code = ("@plug(attention, quiet=True)\n"
+            "def softmax(logits, axis=-1):\n    return logits.softmax(axis)\n")
+    with pytest.raises(vl.exercises.PlugSignatureError, match=r"\(logits, dim\)"):
+        exec(code, namespace)  # noqa: S102 - a notebook cell
+    for fn in (attention.softmax, namespace["softmax"]):
+        with pytest.raises(ExerciseNotDone, match="rejected.*keep the signature"):
+            fn(torch.zeros(2))
+    unplug(attention, "softmax")
+    assert torch.allclose(attention.softmax(torch.zeros(2)), torch.full((2,), 0.5))
+
+
+def test_plugging_the_untouched_stub_says_so(capsys):
+    @plug(attention)
+    def softmax(logits, dim=-1):
+        raise NotImplementedError()
+
+    assert "is still the stub" in capsys.readouterr().out
+    with pytest.raises(ExerciseNotDone, match="Exercise 1.4"):
+        attention.softmax(torch.zeros(2))
+
+
+class _Shell:
+    def __init__(self):
+        self.shown = []
+
+    def _showtraceback(self, etype, value, stb):
+        self.shown.append(stb)
+
+    def showtraceback(self, exc_tuple, tb_offset=None):
+        self.shown.append("full traceback")
+
+
+def test_notebook_errors_are_one_line_and_name_errors_name_the_cell():
+    from vitseg_lab.exercises import _notebook_exception
+
+    sh = _Shell()
+    err = NameError("name 'atm_similarity' is not defined", name="atm_similarity")
+    _notebook_exception(sh, NameError, err, None)
+    assert sh.shown[-1] == [("NameError: atm_similarity is Exercise 3.1 "
+                             "(notebooks/03_segvit_atm.ipynb): run its solution cell (the one "
+                             "starting with @plug(segvit)) before this one.")]
+    _notebook_exception(sh, NameError, NameError("x", name="not_an_exercise"), None)
+    assert sh.shown[-1] == "full traceback"
+    _notebook_exception(sh, ShapeError, ShapeError("bad shape"), None)
+    assert sh.shown[-1] == ["ShapeError: bad shape"]

@@ -4,6 +4,7 @@ windows, late binding of plugged exercises, configs and the full-scale line."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from dataclasses import replace
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import vitseg_lab as vl
-from vitseg_lab import plug, segvit, unplug
+from vitseg_lab import chapters, inference, plug, segvit, shrunk, unplug
 from vitseg_lab._grader import ch03 as G
 from vitseg_lab.backbone import ViTBackbone, quick_vit
 
@@ -116,7 +117,7 @@ def test_qd_block_equals_a_full_block_sampled_at_the_queries():
     vit = quick_vit(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2).eval()
     blk, P, grid = vit.blocks[0], vit.num_prefix_tokens, (5, 3)
     x = torch.randn(2, P + 15, 24)
-    out, small = segvit.qd_block(blk, x, grid, P)
+    out, small = shrunk.qd_block(blk, x, grid, P)
     full = blk(x)
     keep = G.naive_query_downsample(full[:, P:], grid)
     assert small == (3, 2)
@@ -188,7 +189,7 @@ def test_head_rejects_wrong_number_of_layers():
 def quick_model():
     torch.manual_seed(0)
     cfg = replace(segvit.SegViTConfig.quick(), img_size=32)
-    return segvit.build_segvit(cfg, num_classes=5)
+    return segvit.build(cfg, num_classes=5)
 
 
 def test_segvit_forward_backward_and_predict(quick_model):
@@ -196,8 +197,8 @@ def test_segvit_forward_backward_and_predict(quick_model):
 
     ds = ShapeScenes(4, size=32, colors=("red", "green"), shapes=("circle", "square"))
     batch = ShapeScenes.collate([ds[i] for i in range(4)])
-    cfg = segvit.SegViTConfig.quick()
-    terms = segvit.segvit_loss(quick_model, batch, cfg=cfg)
+    cfg = quick_model.cfg
+    terms = segvit.loss_fn(quick_model, batch)
     terms["loss"].backward()
     grads = [p.grad for p in quick_model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -266,10 +267,10 @@ def _shrunk(img=64, depth=4, qd=2, K=3):
     torch.manual_seed(0)
     vit = quick_vit(img_size=img, patch_size=8, embed_dim=24, depth=depth, num_heads=2)
     grid = (img // 8, img // 8)
-    up = segvit.QueryUpsampler(in_dim=24, dim=16, num_heads=2, grid=grid, depth=1)
+    up = shrunk.QueryUpsampler(in_dim=24, dim=16, num_heads=2, grid=grid, depth=1)
     head = segvit.ATMHead(in_dim=16, num_classes=K, dim=16, num_heads=2, num_stages=1,
                           layers_per_stage=1)
-    return segvit.ShrunkSegViT(ViTBackbone(vit), up, head, qd_index=qd)
+    return shrunk.ShrunkSegViT(ViTBackbone(vit), up, head, qd_index=qd)
 
 
 def test_shrunk_model_runs_at_1_32_and_returns_1_16_masks():
@@ -303,9 +304,9 @@ class _PixelModel(torch.nn.Module):
 
 
 def test_window_starts_cover_the_image():
-    assert segvit._window_starts(1280, 640, 608) == [0, 608, 640]
-    assert segvit._window_starts(640, 640, 608) == [0]
-    assert segvit._window_starts(500, 640, 608) == [0]
+    assert inference._window_starts(1280, 640, 608) == [0, 608, 640]
+    assert inference._window_starts(640, 640, 608) == [0]
+    assert inference._window_starts(500, 640, 608) == [0]
 
 
 def test_slide_inference_equals_whole_image_for_a_per_pixel_model():
@@ -313,16 +314,16 @@ def test_slide_inference_equals_whole_image_for_a_per_pixel_model():
     m = _PixelModel()
     x = torch.rand(2, 3, 37, 53)
     with torch.no_grad():
-        torch.testing.assert_close(segvit.slide_inference(m, x, crop=16, stride=12),
+        torch.testing.assert_close(inference.slide_inference(m, x, crop=16, stride=12),
                                    m.predict(x), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="stride"):
-        segvit.slide_inference(m, x, crop=16, stride=20)
+        inference.slide_inference(m, x, crop=16, stride=20)
 
 
 def test_slide_inference_one_window_is_predict(quick_model):
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(segvit.slide_inference(quick_model, x, crop=64, stride=32),
+        torch.testing.assert_close(inference.slide_inference(quick_model, x, crop=64, stride=32),
                                    quick_model.predict(x))
 
 
@@ -330,7 +331,7 @@ def test_slide_inference_one_window_is_predict(quick_model):
 
 def test_configs_hold_the_paper_recipe():
     full = segvit.SegViTConfig.for_scale("full")
-    assert (full.crop, full.slide_stride, full.out_layers, full.head_dim) == (640, 608, (5, 7, 11),
+    assert (full.crop, full.slide_stride, full.out_layers, full.decoder_dim) == (640, 608, (5, 7, 11),
                                                                              384)
     t = full.train
     assert (t.steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.schedule,
@@ -342,22 +343,49 @@ def test_configs_hold_the_paper_recipe():
         segvit.SegViTConfig.for_scale("huge")
 
 
-def test_full_scale_check_is_one_line_naming_what_is_missing(monkeypatch):
+def test_full_scale_check_lists_every_missing_piece_with_its_command(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     msg = segvit.full_scale_check()
-    if msg is None:
-        pytest.skip("this machine has everything full scale needs")
-    assert "\n" not in msg and msg.startswith("Full scale needs")
-    if not torch.cuda.is_available():
-        assert "CUDA" in msg
+    head, *lines = msg.splitlines()
+    assert head.startswith("Full scale of chapter 03") and f"{len(lines)} missing" in head
+    assert lines[0].startswith("- a CUDA GPU") and "--scale full" in lines[0]
+    assert all(line.startswith("- ") and "`" in line for line in lines), lines
+    if segvit.fullscale.weights_problem(segvit.FULL_MODEL):
+        assert any(segvit.FULL_MODEL in line for line in lines)
+    if segvit.fullscale.missing_message("ade20k"):
+        assert any("vitseg-lab data download ade20k" in line for line in lines)
 
 
-def test_run_smoke_trains_end_to_end():
+def test_full_scale_run_without_its_pieces_is_skipped_with_the_list(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = segvit.run(segvit.SegViTConfig.full())
+    assert res.model is None and res.skipped == segvit.full_scale_check()
+    assert not res.reached and res.summary().startswith("skipped: Full scale")
+
+
+def test_run_smoke_trains_end_to_end(tmp_path):
     cfg = segvit.SegViTConfig.smoke()
+    cfg = replace(cfg, train=replace(cfg.train, out_dir=str(tmp_path)))
     out = segvit.run(cfg)
-    assert 0.0 <= out["mIoU"] <= 1.0
-    assert len(out["metrics"]["iou"]) == out["model"].num_classes
-    assert any("loss" in r for r in out["history"].rows)
+    assert isinstance(out, chapters.RunResult) and out.target_metric == "mIoU"
+    assert 0.0 <= out.value <= 1.0 and 0.0 <= out.baseline["mIoU"] <= 1.0
+    assert len(out.metrics["iou"]) == out.model.num_classes
+    assert any("loss" in r for r in out.history.rows)
+    evals = [r["step"] for r in out.history.rows if "lr" not in r]
+    assert evals == [0, 2, 3], "the baseline at step 0, then every eval_every steps and the end"
+    assert out.config == dataclasses.asdict(cfg) and out.seconds > 0
+    model = segvit.load(out.checkpoint)                   # the registry can rebuild it
+    assert model.cfg == cfg and model.num_classes == out.model.num_classes
+    for k, v in out.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_quick_config_follows_the_protocol():
+    q = segvit.SegViTConfig.quick()
+    assert q.target_metric == "mIoU" and q.target >= 0.8 and q.train.out_dir
+    assert not q.train.resume, "a rerun of the notebook must retrain, not reload the last run"
+    assert 3 <= q.train.steps // q.train.eval_every <= 6, "a few evaluations: a curve, cheaply"
 
 
 def test_full_scale_path_runs_on_an_ade20k_fixture(tmp_path, monkeypatch):
@@ -370,11 +398,11 @@ def test_full_scale_path_runs_on_an_ade20k_fixture(tmp_path, monkeypatch):
     monkeypatch.setattr(segvit, "full_scale_check", lambda cfg=None: None)  # no CUDA, no weights
     full = segvit.SegViTConfig.full()
     cfg = replace(full, model_name="quick", pretrained=False, img_size=32, patch_size=8,
-                  embed_dim=24, depth=2, num_heads=2, out_layers=(0, 1), head_dim=24,
-                  head_heads=2, layers_per_stage=1, crop=32, slide_stride=24,
+                  embed_dim=24, depth=2, num_heads=2, out_layers=(0, 1), decoder_dim=24,
+                  decoder_heads=2, layers_per_stage=1, crop=32, slide_stride=24,
                   train=replace(full.train, steps=2, batch_size=2, warmup_steps=1, num_workers=0,
                                 eval_every=0, ckpt_every=0, out_dir=str(tmp_path / "run"),
                                 progress=False))
     out = segvit.run(cfg)
-    assert 0.0 <= out["mIoU"] <= 1.0 and len(out["metrics"]["iou"]) == segvit.ADE_CLASSES
+    assert 0.0 <= out.value <= 1.0 and len(out.metrics["iou"]) == segvit.ADE_CLASSES
     assert (tmp_path / "run" / "last.pt").exists()

@@ -403,3 +403,30 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["history.png", "last.pt", "metrics.csv"]
     assert torch.equal(ck["model"]["head.weight"], r0["state"]["head.weight"])
 
+
+
+def test_history_plot_is_a_figure_pyplot_shows_and_fit_adds_none(tmp_path):
+    """plt.show() (and a notebook cell's end) draws only figures pyplot knows; fit's own
+    history.png must not leave one behind in a notebook cell."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    hist = fit(toy.toy_model(), toy.ToyData(40), toy.toy_cfg(steps=4, eval_every=2,
+                                                            out_dir=str(tmp_path)), toy.toy_loss)
+    assert plt.get_fignums() == [] and (tmp_path / "history.png").exists()
+    fig = hist.plot()
+    assert plt.get_fignums() == [fig.number]
+    plt.close(fig)
+
+
+def test_seed_everything_and_num_threads_restore():
+    from vitseg_lab.train import num_threads, seed_everything
+
+    seed_everything(3)
+    a = torch.rand(2)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(2))
+    before = torch.get_num_threads()
+    with num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

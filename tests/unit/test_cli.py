@@ -1,0 +1,56 @@
+"""vitseg_lab.cli: chapters from the registry, `train` exits non-zero with every missing piece,
+`eval --ckpt` rebuilds a trained model and prints its metric, config flags reach the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitseg_lab import chapters, cli
+
+
+def test_cli_chapters_are_the_registry():
+    assert cli.CHAPTERS is chapters.CHAPTERS
+    train = cli.build_parser(["train", "segvit"])
+    for slug in chapters.CHAPTERS:
+        assert train.parse_args(["train", slug]).chapter == slug
+
+
+def test_config_flags_reach_the_config():
+    args = cli.build_parser(["train", "segvit"]).parse_args(
+        ["train", "segvit", "--train.lr", "1e-3", "--out_layers", "1,3", "--scale", "smoke"])
+    _, cfg = cli._config(args)
+    assert cfg.train.lr == 1e-3 and cfg.out_layers == (1, 3) and cfg.train.steps <= 5
+
+
+@pytest.mark.parametrize("slug", ["attention", "segvit"])
+def test_train_full_without_its_pieces_exits_2_listing_every_one(slug, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mod = chapters.get(slug).load_module()
+    monkeypatch.setattr(mod, "run", lambda cfg: pytest.fail("run() must not start"))
+    assert cli.main(["train", slug, "--scale", "full"]) == cli.EXIT_MISSING
+    err = capsys.readouterr().err
+    assert err.strip() == mod.full_scale_check(mod.AttentionConfig.full() if slug == "attention"
+                                               else mod.SegViTConfig.full())
+    assert "- a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_train_then_eval_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "segvit", "--scale", "smoke", "--train.out_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "mIoU = " in printed and str(out / "last.pt") in printed
+    assert cli.main(["eval", "segvit", "--ckpt", str(out / "last.pt")]) == 0
+    metrics = eval(capsys.readouterr().out.strip().splitlines()[-1])   # the printed dict
+    assert set(metrics) >= {"mIoU", "pixel_acc"} and 0.0 <= metrics["mIoU"] <= 1.0
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert metrics["mIoU"] == pytest.approx(ck["log"]["final"]["mIoU"], abs=1e-4)
+
+
+def test_eval_names_a_missing_or_foreign_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        cli.main(["eval", "segvit", "--ckpt", str(tmp_path / "nope.pt")])
+    out = tmp_path / "att"
+    assert cli.main(["train", "attention", "--scale", "smoke", "--train.out_dir", str(out)]) == 0
+    with pytest.raises(SystemExit, match="chapter 'attention'"):
+        cli.main(["eval", "segvit", "--ckpt", str(out / "last.pt")])

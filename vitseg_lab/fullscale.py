@@ -1,0 +1,48 @@
+"""What a chapter's full-scale run needs, and the one message listing every piece that is missing.
+
+A chapter's ``full_scale_check(cfg)`` is ``fullscale.check(slug, cfg.model_name, gpus=...)``: a
+CUDA GPU, the pretrained timm weights and the chapter's data sets (from the registry). The message
+has a header and one line per missing piece, each with the exact command that provides it, so a
+notebook's training cell (and ``vitseg-lab train CHAPTER --scale full``) can print it as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import chapters
+from .backbone import weights_problem
+from .data.fetch import missing_message
+
+
+def gpu_line(slug: str, gpus: int = 1) -> str | None:
+    """The CUDA line, or None when a GPU is visible."""
+    if torch.cuda.is_available():
+        return None
+    ch = chapters.get(slug)
+    return (f"a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full jupyter lab "
+            f"{ch.notebook}`, or `torchrun --nproc_per_node {gpus} -m vitseg_lab.cli train "
+            f"{slug} --scale full` on {gpus} GPUs.")
+
+
+def missing_pieces(slug: str, model_name: str | None = None, gpus: int = 1) -> list[str]:
+    """Every missing piece of chapter ``slug``'s full-scale run, one line each (empty: ready).
+
+    model_name: the timm weights the run loads (None: none needed).
+    """
+    lines = [gpu_line(slug, gpus)]
+    if model_name:
+        lines.append(weights_problem(model_name))
+    lines += [missing_message(name) for name in chapters.get(slug).datasets]
+    return [line for line in lines if line]
+
+
+def check(slug: str, model_name: str | None = None, gpus: int = 1) -> str | None:
+    """None when full scale can start, else a header and ``- piece`` lines (see the module doc)."""
+    lines = missing_pieces(slug, model_name, gpus)
+    if not lines:
+        return None
+    ch = chapters.get(slug)
+    head = (f"Full scale of chapter {ch.nn} ({slug}) cannot start on this machine; "
+            f"{len(lines)} missing piece{'s' if len(lines) > 1 else ''}:")
+    return "\n".join([head, *(f"- {line}" for line in lines)])
