@@ -34,6 +34,7 @@ kernels or loader sizes itself. What the plan switches on, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -324,7 +325,8 @@ def device_peak(name: str | None = None) -> tuple[str, float] | None:
     return None
 
 
-def _nvidia_smi_list() -> str:
+@functools.lru_cache(maxsize=1)
+def _nvidia_smi_list() -> str:  # once per process: plan() may be asked many times
     exe = shutil.which("nvidia-smi")
     if not exe:
         return ""

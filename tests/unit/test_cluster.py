@@ -1,0 +1,261 @@
+"""vitseg_lab.cluster on CPU: submitit's local executor stands in for SLURM.
+
+- a tiny chapter-03 run is pre-empted (submitit's USR2 -> requeue), then killed (cancel) and
+  resubmitted, and ends with exactly the weights of an uninterrupted run;
+- the watcher's pieces render from a metrics.csv written by ``train.History``;
+- two gloo processes evaluate chapter 03's ``metric_fn`` on their shards: without reduction
+  each rank sees only its shard, with ``reduce_meter`` both report the whole split exactly.
+
+Also the entry point of the DDP workers: ``python tests/unit/test_cluster.py ddp-metric OUT``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from vitseg_lab import cluster
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+# 12 steps of 8 images (4 per epoch), a checkpoint every 3 steps, a CSV row every step.
+SMOKE = {"train.steps": 12, "train.ckpt_every": 3, "train.log_every": 1, "train.eval_every": 0}
+
+
+# -- configuration and the watcher -----------------------------------------------------------------
+
+def test_configure_applies_dotted_overrides_and_names_bad_ones():
+    cfg = cluster.configure("segvit", "smoke", {"train.steps": 7, "out_layers": [1, 3]})
+    assert cfg.train.steps == 7 and cfg.out_layers == (1, 3)
+    with pytest.raises(KeyError, match="TrainConfig has no field 'stpes'"):
+        cluster.configure("segvit", "smoke", {"train.stpes": 7})
+    task = cluster.TrainTask("segvit", "smoke", {}, out_dir="/tmp/x")
+    cfg = task.config()
+    assert cfg.train.resume and not cfg.train.progress and cfg.train.out_dir == "/tmp/x"
+
+
+def _history_csv(tmp_path: Path) -> Path:
+    from vitseg_lab.train import History
+
+    h = History(csv_path=str(tmp_path / "metrics.csv"))
+    h.append({"step": 0, "mIoU": 0.1})
+    for s in (10, 20, 30):
+        h.append({"step": s, "lr": 1e-3, "loss": 2.0 - s / 30, "ce": 1.0})
+    h.append({"step": 30, "mIoU": 0.5, "pixel_acc": 0.7})
+    return tmp_path / "metrics.csv"
+
+
+def test_metrics_csv_is_read_back_as_numbers(tmp_path):
+    rows = cluster.read_metrics(_history_csv(tmp_path))
+    assert rows[0] == {"step": 0.0, "mIoU": 0.1}
+    assert rows[2] == {"step": 20.0, "lr": 1e-3, "loss": 2.0 - 20 / 30, "ce": 1.0}
+    assert rows[-1]["pixel_acc"] == 0.7
+    assert cluster.read_metrics(tmp_path / "absent.csv") == []
+
+
+def test_progress_line_is_tqdm_like():
+    assert cluster.progress_line(0, 100).startswith("  0%|")
+    line = cluster.progress_line(450, 1000, rate=2.5)
+    assert "45%|" in line and "450/1000" in line and "2.5 step/s" in line
+    assert "~3m40s left" in line
+    assert cluster.progress_line(1000, 1000).startswith("100%|" + "█" * 24 + "|")
+
+
+def test_render_draws_losses_and_metrics(tmp_path):
+    path = _history_csv(tmp_path)
+    fig = cluster.render(path, title="job 1 RUNNING")
+    ax_loss, ax_metric = fig.axes
+    assert {ln.get_label() for ln in ax_loss.lines} == {"loss", "ce"}
+    assert {ln.get_label() for ln in ax_metric.lines} == {"mIoU", "pixel_acc"}
+    html = cluster.render_html(path, "job 1 RUNNING · <x>")
+    assert html.startswith("<pre>job 1 RUNNING · &lt;x>") and "data:image/png;base64," in html
+    assert cluster.render(tmp_path / "none.csv").axes  # before the first row: empty axes
+
+
+# -- kill, resubmit, same weights ------------------------------------------------------------------
+
+def _wait(pred, timeout: float, what: str) -> None:
+    t = time.monotonic()
+    while not pred():
+        if time.monotonic() - t > timeout:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.2)
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+def _ckpt_step(out: Path) -> int:
+    try:
+        return int(torch.load(out / "last.pt", weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the task's PID in /proc")
+def test_preempted_killed_and_resubmitted_run_ends_with_the_uninterrupted_weights(tmp_path):
+    ref = cluster.launch("segvit", "smoke", overrides=SMOKE, out_dir=str(tmp_path / "ref"),
+                         cluster="local", timeout_min=20)
+    run = cluster.launch("segvit", "smoke", overrides=SMOKE, out_dir=str(tmp_path / "cut"),
+                         cluster="local", timeout_min=20, throttle_s=1.0)
+    assert run.executor.cluster == "local" and run.total_steps == 12
+    out = run.out_dir
+
+    # 1. pre-emption: submitit's signal -> TrainTask.checkpoint -> requeued in the same job
+    _wait(lambda: _ckpt_step(out) >= 3, 300, "the first checkpoint")
+    # what SLURM does before a time limit or a pre-emption: USR2 to the task (submitit's local
+    # LocalJob._interrupt signals the controller, which does not forward it)
+    for pid in _children(int(run.job.job_id)):
+        os.kill(pid, submitit.JobEnvironment._usr_sig())
+    log = Path(run.job.paths.stderr)
+    _wait(lambda: "preempted" in log.read_text(), 60, "the pre-emption to be caught")
+    # 2. a kill (scancel / node failure): the job ends, the run is unfinished
+    _wait(lambda: _ckpt_step(out) >= 6 and "preempted" in log.read_text(), 300,
+          "a checkpoint after the requeue")
+    run.cancel()
+    _wait(run.done, 60, "the cancelled job to stop")
+    assert _ckpt_step(out) < 12, "the run finished before it was killed; raise throttle_s"
+    status = run.status()
+    assert "/12" in status and run.job.job_id in status
+    # 3. resubmission continues from last.pt
+    run.resubmit()
+    assert len(run.jobs) == 2
+    res = run.job.result()
+    ref_res = ref.job.result()
+    assert res["skipped"] is None and "mIoU" in res["metrics"]
+
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert res["metrics"] == ref_res["metrics"]
+    assert cluster.read_metrics(out / "metrics.csv") == cluster.read_metrics(
+        tmp_path / "ref" / "metrics.csv")
+
+
+def test_resubmit_is_refused_while_the_job_runs(tmp_path):
+    class Running:
+        job_id, state = "42", "RUNNING"
+
+        def done(self):
+            return False
+
+    run = cluster.ClusterRun(cluster.TrainTask("segvit", "smoke"), None, [Running()], 3)
+    with pytest.raises(RuntimeError, match="still RUNNING"):
+        run.resubmit()
+
+
+# -- metrics reduced across ranks (2 gloo processes) -----------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_and_val():
+    from vitseg_lab import segvit
+
+    cfg = dataclasses.replace(segvit.SegViTConfig.smoke(), num_val=15)
+    _, val = segvit.quick_data(cfg)
+    torch.manual_seed(0)
+    model = segvit.build(cfg, val.num_classes).eval()
+    return segvit, model, val
+
+
+def _loader(ds):
+    return torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate)
+
+
+def _ddp_metric_worker(out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    segvit, model, val = _model_and_val()
+    part = cluster.shard(val)
+    plain = segvit.metric_fn(model, _loader(part))
+
+    class ReducedMeter(segvit.SegMeter):  # the one line a chapter needs, in compute()
+        def compute(self):
+            return super(ReducedMeter, cluster.reduce_meter(self)).compute()
+
+    orig, segvit.SegMeter = segvit.SegMeter, ReducedMeter
+    try:
+        reduced = segvit.metric_fn(model, _loader(part))
+    finally:
+        segvit.SegMeter = orig
+    idx = cluster.gather_cat(torch.tensor(list(part.indices)))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "n": len(part), "plain": plain["mIoU"], "reduced": reduced["mIoU"],
+        "reduced_acc": reduced["pixel_acc"], "gathered": idx.tolist()}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_segvit_metric_is_reduced_across_two_gloo_ranks(tmp_path):
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, __file__, "ddp-metric", str(tmp_path)],
+                                      env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+
+    segvit, model, val = _model_and_val()
+    with torch.no_grad():
+        full = segvit.metric_fn(model, _loader(val))
+    assert (r[0]["n"], r[1]["n"]) == (8, 7)                        # uneven shards, no padding
+    for k in (0, 1):
+        assert r[k]["reduced"] == full["mIoU"]                      # exact: integer counts
+        assert r[k]["reduced_acc"] == full["pixel_acc"]
+        assert r[k]["gathered"] == [*range(0, 15, 2), *range(1, 15, 2)]
+    # the chapter's metric_fn alone reports its own shard only
+    assert any(r[k]["plain"] != full["mIoU"] for k in (0, 1))
+
+
+def test_reduction_helpers_are_no_ops_in_one_process():
+    from vitseg_lab.metrics import SegMeter
+
+    m = SegMeter(3)
+    m.update(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 1]]))
+    before = m.conf.clone()
+    assert cluster.reduce_meter(m) is m and torch.equal(m.conf, before)
+    t = torch.arange(3)
+    assert cluster.all_reduce_sum(t) is t and cluster.gather_cat(t) is t
+    sub = cluster.shard(list(range(7)), rank=1, world=3)
+    assert list(sub) == [1, 4]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "ddp-metric":
+        _ddp_metric_worker(sys.argv[2])
