@@ -55,8 +55,8 @@ e2e: venv                       ## only the browser test (JupyterLab in headless
 	bash tools/e2e_setup.sh
 	VITSEG_E2E=require $(PY) -m pytest tests/e2e -v -p no:cacheprovider
 
-bench: venv
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+bench: venv                     ## every benchmarks/ script + notebook and grading times -> benchmarks/results/, one table
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf dist .pytest_cache
