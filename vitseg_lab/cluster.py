@@ -155,7 +155,7 @@ def launch(chapter: str, scale: str = "full", *, overrides: dict[str, Any] | Non
            max_requeues: int = 20, throttle_s: float = 0.0, **slurm: Any) -> ClusterRun:
     """Submit ``chapter``'s run -> ``ClusterRun``.
 
-    cluster: None picks SLURM when ``sbatch`` is on PATH, else ``"local"`` (a subprocess on this
+    cluster: None picks SLURM when ``srun`` is on PATH, else ``"local"`` (a subprocess on this
     machine: laptops, CI, a JupyterHub server with its own GPU); ``"slurm"`` or ``"debug"``
     (in-process) force one. gpus: per node, one task each (DDP); nodes: SLURM nodes.
     folder: submitit's logs and pickles (default ``<out_dir>/submitit``). max_requeues: how many
@@ -169,20 +169,19 @@ def launch(chapter: str, scale: str = "full", *, overrides: dict[str, Any] | Non
                                      slurm_max_num_timeout=max_requeues)
     params: dict[str, Any] = {"name": f"vitseg-{chapter}-{scale}", "timeout_min": timeout_min,
                               "nodes": nodes, "tasks_per_node": gpus, "gpus_per_node": gpus,
-                              "cpus_per_task": cpus_per_gpu}
+                              "cpus_per_task": cpus_per_gpu, "mem_gb": mem_gb}
     if executor.cluster == "slurm":
         params.update({"slurm_partition": partition, "slurm_account": account,
-                       "slurm_qos": qos, "slurm_mem_gb": mem_gb,
+                       "slurm_qos": qos,
                        "slurm_signal_delay_s": 180})  # USR2 3 min before the limit
         params.update(slurm)
-        params = {k: v for k, v in params.items() if v is not None}
     elif executor.cluster == "local":
         if nodes > 1:
             raise ValueError("the local executor runs on this machine only: use nodes=1, or "
                              "launch from a SLURM login node.")
         params.pop("cpus_per_task")
         params["gpus_per_node"] = gpus if torch.cuda.is_available() else 0
-    executor.update_parameters(**params)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return ClusterRun(task, executor, [executor.submit(task)], cfg.train.steps)
 
 

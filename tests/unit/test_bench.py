@@ -107,3 +107,12 @@ def test_run_all_collects_json_and_reports_failures(tmp_path, capsys):
     assert (results / "summary.json").exists() and (results / "summary.png").exists()
     with pytest.raises(SystemExit, match="no benchmark called nope"):
         ra.main(["--bench-dir", str(bench), "--results", str(results), "--only", "nope"])
+
+
+def test_paper_size_setup_without_data_falls_back_to_shapes_at_the_crop():
+    s = bts.chapter_setup("segvit", "paper", batch=2)
+    cfg = s["cfg"]
+    assert (cfg.embed_dim, cfg.depth, cfg.img_size, cfg.pretrained) == (768, 12, 640, False)
+    assert s["num_classes"] == 150 and s["B"] == 2
+    if "absent" in s["note"]:                       # no ADE20K on this machine
+        assert s["data"][0][0]["image"].shape == (3, 640, 640)

@@ -83,6 +83,58 @@ def test_render_draws_losses_and_metrics(tmp_path):
     assert cluster.render(tmp_path / "none.csv").axes  # before the first row: empty axes
 
 
+def test_launch_on_slurm_writes_one_task_per_gpu_and_the_requeue_signal(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$FAKE_SBATCH_COPY"\n'
+                                    'echo "Submitted batch job 4242"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_COPY", str(tmp_path / "job.sh"))
+    run = cluster.launch("segvit", overrides={"train.steps": 1000}, out_dir=str(tmp_path / "r"),
+                         gpus=8, nodes=2, partition="gpu", mem_gb=400, timeout_min=600,
+                         slurm_constraint="h100")
+    assert run.executor.cluster == "slurm" and run.job.job_id == "4242"
+    assert run.total_steps == 1000 and run.out_dir == tmp_path / "r"
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8",
+                 "--partition=gpu", "--signal=USR2@180", "--time=600", "--mem=400GB",
+                 "--constraint=h100"):
+        assert f"#SBATCH {line}" in script, line
+    with pytest.raises(KeyError, match="no field 'lrr'"):     # a typo fails in the notebook
+        cluster.launch("segvit", overrides={"train.lrr": 1}, out_dir=str(tmp_path / "r"))
+
+
+def test_watch_draws_until_the_job_ends(tmp_path, monkeypatch):
+    _history_csv(tmp_path)
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(obj.data)
+
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda obj, display_id: Handle())
+
+    class Job:
+        job_id, state, polls = "7", "RUNNING", 0
+
+        def done(self):
+            Job.polls += 1
+            if Job.polls >= 2:
+                Job.state = "COMPLETED"
+            return Job.polls >= 2
+
+    run = cluster.ClusterRun(cluster.TrainTask("segvit", "smoke", out_dir=str(tmp_path)),
+                             type("Ex", (), {"cluster": "local"})(), [Job()], 60)
+    assert run.watch(every=0.01) == "COMPLETED"
+    assert len(shown) == 2 and "job 7 (local)" in shown[0] and " 30/60" in shown[0]
+    assert "data:image/png;base64," in shown[-1]
+
+
 # -- kill, resubmit, same weights ------------------------------------------------------------------
 
 def _wait(pred, timeout: float, what: str) -> None:
