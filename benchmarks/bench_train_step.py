@@ -441,14 +441,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for slug in slugs:
         t = time.perf_counter()
-        row = bench_chapter(slug, a, device, peak)
+        try:
+            row = bench_chapter(slug, a, device, peak)
+        except Exception as e:  # noqa: BLE001 (one chapter's failure must not hide the others')
+            row = {"chapter": slug, "error": f"{type(e).__name__}: {e!s:.300}"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         row["seconds"] = time.perf_counter() - t
         rows.append(row)
         if "skipped" in row:
             print(f"  {slug}: skipped: {row['skipped']}")
+        elif "error" in row:
+            print(f"  {slug}: FAILED: {row['error']}")
         else:
             print(f"  {slug}: {row['fast_path']}" + (f"; {row['note']}" if row["note"] else ""))
-    done = [r for r in rows if "skipped" not in r]
+    done = [r for r in rows if "skipped" not in r and "error" not in r]
     cols = ["chapter", "batch", "gflops_per_step", "attention_share", "fast_vs_eager",
             "flops_per_s_vs_timm", "timm_fast_vs_eager", "loader_vs_step", "e2e_vs_model_only"]
     if peak:
@@ -472,4 +479,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in r for r in main()["rows"]) else 0)

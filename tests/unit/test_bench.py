@@ -116,3 +116,18 @@ def test_paper_size_setup_without_data_falls_back_to_shapes_at_the_crop():
     assert s["num_classes"] == 150 and s["B"] == 2
     if "absent" in s["note"]:                       # no ADE20K on this machine
         assert s["data"][0][0]["image"].shape == (3, 640, 640)
+
+
+def test_a_failing_chapter_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def bench_chapter(slug, a, device, peak):
+        if slug == "segvit":
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return {"chapter": slug, "skipped": "pretend"}
+
+    monkeypatch.setattr(bts, "bench_chapter", bench_chapter)
+    res = bts.main(["--device", "cpu", "--chapters", "segvit,attention", "--json",
+                    str(tmp_path / "b.json")])
+    rows = {r["chapter"]: r for r in res["rows"]}
+    assert rows["segvit"]["error"].startswith("RuntimeError: CUDA out of memory")
+    assert rows["attention"]["skipped"] == "pretend"
+    assert "segvit: FAILED" in capsys.readouterr().out
