@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -680,9 +681,10 @@ def collect_predictions(model: nn.Module, loader, *, expressions=None) -> dict[s
     """Run ``model`` over ``loader`` -> {"logits": (N, H, W) mask logits, "target": (N, H, W)
     bool, "expression": N strings}. ``expressions(batch)`` may replace a batch's sentences."""
     preds, targets, texts = [], [], []
+    device = next(model.parameters()).device
     for batch in loader:
         sents = batch["expression"] if expressions is None else expressions(batch)
-        out = model(batch["image"], sents)
+        out = model(batch["image"].to(device), sents)
         preds.append(out.mask_logits.float().cpu())
         targets.append(batch["ref_mask"].bool().cpu())
         texts += list(batch["expression"])
@@ -750,9 +752,9 @@ def full_scale_check(cfg: ReSTRConfig | None = None) -> str | None:
     cfg = cfg or ReSTRConfig.full()
     missing = []
     if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full "
-                       "vitseg-lab train restr` or `torchrun --nproc_per_node 8 -m "
-                       "vitseg_lab.cli train restr --scale full`")
+        missing.append("a CUDA GPU (none found): on a GPU machine run `vitseg-lab train restr "
+                       "--scale full` or `torchrun --nproc_per_node 8 -m vitseg_lab.cli train "
+                       "restr --scale full`")
     if cfg.model_name != "quick" and cfg.pretrained:
         from .backbone import weights_available
 
@@ -875,6 +877,17 @@ def run(cfg: ReSTRConfig):
             shuffled = shuffled_sentence_metrics(model, val_ds)
             metrics.update({f"shuffled_{k}": v for k, v in shuffled.items()
                             if not k.startswith("n_")})
+        elif int(os.environ.get("RANK", "0")) == 0:
+            # the other splits (testA, testB): the paper reports oIoU on each; the baseline is
+            # the trained model reading other expressions (RefCOCO loaders carry no instances)
+            from .data.refcoco import RefCOCO
+            from .train import evaluate
+
+            for split in cfg.eval_splits[1:]:
+                ds = _Resized(RefCOCO(dataset=cfg.dataset, split=split), cfg.img_size)
+                m = evaluate(model, ds, cfg.train, loss_fn, metric_fn, collate)
+                metrics.update({f"{split}_{k}": v for k, v in m.items()})
+            baseline = shuffled_sentence_metrics(model, val_ds, cfg.train.batch_size)
         else:
             baseline = {}
     finally:
@@ -927,8 +940,11 @@ def expression_explorer(model: ReSTR, dataset, index: int = 0):
     fusion block, the patch scores ŷ_p and the final mask — computed by the learner's plugged
     functions (the model calls them at run time). An unknown word gets one sentence, never a
     KeyError. -> an ipywidgets VBox; ``.state`` holds the last drawing's inputs and outputs."""
+    import html
+
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
+    import numpy as np
 
     model.eval()
     vocab = model.vocab
@@ -945,7 +961,9 @@ def expression_explorer(model: ReSTR, dataset, index: int = 0):
 
     def choices(i: int) -> list[str]:
         s = dataset[i]
-        names = [f"the {dataset.class_names[int(c)]}" for c in s["instance_labels"]]
+        classes = getattr(dataset, "class_names", None)
+        names = ([f"the {classes[int(c)]}" for c in s.get("instance_labels", [])]
+                 if classes else [])
         return list(dict.fromkeys([s["expression"], *names]))
 
     def draw(_=None):
@@ -956,7 +974,7 @@ def expression_explorer(model: ReSTR, dataset, index: int = 0):
 
         if not tokenize(sent):
             problem = "Type an expression such as 'the red circle' (no words were found)."
-        message.value = f"<b>{problem}</b>" if problem else ""
+        message.value = f"<b>{html.escape(problem)}</b>" if problem else ""
         box.state.update(scene=i, expression=sent, message=problem)
         if problem:
             with out:
@@ -997,7 +1015,9 @@ def expression_explorer(model: ReSTR, dataset, index: int = 0):
             axes[2].imshow(probs.numpy(), vmin=0, vmax=1, cmap="viridis")
             axes[2].set_title("patch scores ŷ_p", fontsize=9)
             axes[3].imshow(img)
-            axes[3].imshow(mask.numpy(), alpha=0.5, cmap="Reds", extent=ext)
+            shown = mask.numpy()
+            axes[3].imshow(np.ma.masked_where(~shown, shown), alpha=0.6, cmap="autumn",
+                           extent=ext)
             axes[3].set_title("mask", fontsize=9)
             for ax in axes:
                 ax.set_axis_off()

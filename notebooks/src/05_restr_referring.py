@@ -391,8 +391,10 @@ assert math.isclose(m2["mIoU"], 0.5, rel_tol=1e-9), f"mIoU = (1 + 0) / 2 = 0.5, 
 assert m2["prec@0.9"] == 0.5, f"one of two expressions has IoU > 0.9: prec@0.9 = 0.5, got {m2['prec@0.9']}"
 
 pred = lgt > 0
-ious = [float((pred[i] & tgt[i]).sum() / (pred[i] | tgt[i]).sum()) for i in range(5)]
-assert math.isclose(m["oIoU"], float((pred & tgt).sum() / (pred | tgt).sum()), rel_tol=1e-9), "oIoU is Σ I / Σ U over the split"
+inter = [int((pred[i] & tgt[i]).sum()) for i in range(5)]
+union = [int((pred[i] | tgt[i]).sum()) for i in range(5)]
+ious = [a / b for a, b in zip(inter, union)]
+assert math.isclose(m["oIoU"], sum(inter) / sum(union), rel_tol=1e-9), "oIoU is Σ I / Σ U over the split"
 assert math.isclose(m["mIoU"], sum(ious) / 5, rel_tol=1e-9), "mIoU is the mean of per-expression IoUs"
 assert all(math.isclose(m[f"prec@{x}"], sum(i > x for i in ious) / 5) for x in PRECISION_THRESHOLDS), "prec@X counts IoU > X"
 print("referring_metrics: all visible tests passed")
@@ -517,7 +519,9 @@ for r in rows:
 if vl.scale() == "full":
     full = restr.run(cfg)        # prints every missing piece and returns early without them
     if not full.skipped:
-        print(f"RefCOCO {cfg.eval_splits[0]} oIoU: {100 * full.value:.2f} · paper: {restr.PAPER['refcoco_val']}")
+        for i, split in enumerate(cfg.eval_splits):
+            ours = full.metrics["oIoU" if i == 0 else f"{split}_oIoU"]
+            print(f"{cfg.dataset} {split:<6} oIoU {100 * ours:6.2f} · paper {restr.PAPER.get(f'{cfg.dataset}_{split}', float('nan')):6.2f}")
 else:
     print(restr.full_scale_check() or "Full scale is ready: rerun with VITSEG_SCALE=full.")
 
