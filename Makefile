@@ -48,7 +48,8 @@ notebooks-build: venv           ## regenerate notebooks/*.ipynb from notebooks/s
 student: venv                   ## student edition -> dist/student/ (nbgrader release + stub library)
 	$(PY) -m tools.student
 
-grade-demo: venv                ## reference / empty / buggy learners autograded; prints the score table
+grade-demo: venv                ## reference / empty / buggy / hidden-only learners autograded (sandboxed); score table
+	bash tools/sandbox_setup.sh
 	$(PY) -m tools.grading demo
 
 e2e: venv                       ## only the browser test (JupyterLab in headless Chromium; installs Chromium if missing)

@@ -14,8 +14,10 @@ machine that has nbgrader.
   told). Original notebooks are kept under ``preflight/originals/``.
 * ``drop_instructor_files_*`` — hooks that remove ``vitseg_lab/_grader`` from ``release/`` and
   ``feedback/`` (nbgrader copies every non-notebook file, GRADING.md §1.4).
-* ``ScrubHiddenTracebacks`` — feedback preprocessor: any traceback entry that quotes a hidden-test
-  line is replaced, before ``ClearHiddenTests`` removes the lines from the source (§1.5).
+* ``ScrubHiddenTracebacks`` — feedback preprocessor: any output line or traceback entry, in any
+  cell, that quotes a hidden-test line is replaced, before ``ClearHiddenTests`` removes the lines
+  from the source (§1.5). (The hidden block only records outputs — ``record("1.4", softmax)`` —
+  the checks and references never enter the kernel, so there is nothing else to leak.)
 """
 
 from __future__ import annotations
@@ -32,9 +34,15 @@ from typing import Any
 
 import nbformat
 
+try:                                        # the course folder's copy of tools/edition.py
+    import vitseg_edition as edition
+except ImportError:                         # run from the repository (tests)
+    from tools import edition
+
 PREFLIGHT_KEY = "vitseg_preflight"          # notebook/cell metadata key of the grader's note
 GRADER_DIR = os.path.join("vitseg_lab", "_grader")
-HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+HIDDEN_BEGIN, HIDDEN_END = edition.HIDDEN_BEGIN, edition.HIDDEN_END
+hidden_lines = edition.hidden_lines
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -102,6 +110,36 @@ def fix_structure(nb: nbformat.NotebookNode, release: nbformat.NotebookNode) -> 
                     f"A cell carried the grading id '{gid}', which is not part of this "
                     "assignment (copied from another notebook?); it was run as an ordinary "
                     "cell.")))
+
+    # 1b. our cells' grading metadata edited (grade/solution/lock flags, points, cell type): put
+    #     back from the release. nbgrader restores points and locks itself, but a flipped grade or
+    #     solution flag makes it fail the whole notebook ("Inconsistent checksums").
+    for cell in nb.cells:
+        gid = _gid(cell)
+        if gid not in rel_cells:
+            continue
+        rel = rel_cells[gid]
+        rmeta, meta = _nbg(rel) or {}, cell.metadata["nbgrader"]
+        changed = [k for k in ("grade", "solution", "locked", "task", "points")
+                   if bool(meta.get(k)) != bool(rmeta.get(k)) or (
+                       k == "points" and rmeta.get("grade") and meta.get(k) != rmeta.get(k))]
+        if cell.get("cell_type") != rel.get("cell_type"):
+            changed.append("cell type")
+            cell["cell_type"] = rel["cell_type"]
+            if rel["cell_type"] == "code":
+                cell.setdefault("outputs", [])
+                cell.setdefault("execution_count", None)
+            else:
+                cell.pop("outputs", None)
+                cell.pop("execution_count", None)
+        if changed:
+            cell.metadata["nbgrader"] = copy.deepcopy(rmeta)
+            if _is_locked(rmeta):
+                cell["source"] = rel.get("source", "")
+            issues.append(dict(kind="metadata", grade_id=gid, message=(
+                f"The grading settings of cell '{gid}' were changed ({', '.join(changed)}); they "
+                "were put back as released" + (", with the cell's original content" if _is_locked(
+                    rmeta) else "") + ". Grading settings are not yours to edit.")))
 
     # 2. duplicated graded cells: keep the original (same cell id as the release, else the first)
     by_gid: dict[str, list[int]] = {}
@@ -555,20 +593,6 @@ except Exception:  # noqa: BLE001 - importable without nbgrader (tests of the pu
     _Base = object  # type: ignore[assignment,misc]
 
 
-def hidden_lines(source: str) -> list[str]:
-    """The stripped lines between the hidden-test markers of one cell."""
-    out, inside = [], False
-    for line in source.splitlines():
-        s = line.strip()
-        if s.startswith(HIDDEN_BEGIN):
-            inside = True
-        elif s.startswith(HIDDEN_END):
-            inside = False
-        elif inside and s:
-            out.append(s)
-    return out
-
-
 def scrub_outputs(cell: dict, secrets: list[str]) -> int:
     """Replace traceback entries and output lines quoting a hidden line; returns how many."""
     if not secrets:
@@ -587,17 +611,31 @@ def scrub_outputs(cell: dict, secrets: list[str]) -> int:
             out["traceback"] = tb
         elif out.get("output_type") == "stream":
             text = out.get("text", "")
+            text = "".join(text) if isinstance(text, list) else text
             kept = [ln for ln in text.split("\n") if not any(s in ln for s in secrets)]
             if len(kept) != len(text.split("\n")):
                 n += 1
                 out["text"] = "\n".join(kept)
+        elif isinstance(out.get("data"), dict):              # execute_result, display_data
+            for mime, val in list(out["data"].items()):
+                text = "".join(val) if isinstance(val, list) else val
+                if not isinstance(text, str) or not any(s in text for s in secrets):
+                    continue
+                n += 1
+                out["data"][mime] = "\n".join(
+                    ln for ln in text.split("\n") if not any(s in ln for s in secrets))
     return n
 
 
 class ScrubHiddenTracebacks(_Base):  # type: ignore[misc,valid-type]
-    """Feedback preprocessor (before ClearHiddenTests): no output may quote a hidden line."""
+    """Feedback preprocessor (before ClearHiddenTests): no output of *any* cell may quote a line
+    of any hidden block of the notebook (a learner's cell can print the kernel's input history,
+    which holds every test cell as executed)."""
 
-    def preprocess_cell(self, cell, resources, cell_index):
-        if cell.get("cell_type") == "code" and HIDDEN_BEGIN in _source(cell):
-            scrub_outputs(cell, [s for s in hidden_lines(_source(cell)) if len(s) >= 4])
-        return cell, resources
+    def preprocess(self, nb, resources):
+        secrets = sorted({s for c in nb.cells if c.get("cell_type") == "code"
+                          for s in hidden_lines(_source(c)) if len(s) >= 4})
+        for cell in nb.cells:
+            if cell.get("cell_type") == "code":
+                scrub_outputs(cell, secrets)
+        return nb, resources

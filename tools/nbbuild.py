@@ -32,11 +32,12 @@ from pathlib import Path
 
 import nbformat
 
+from tools.edition import HIDDEN_BEGIN, hidden_block, tag_of_docstring
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "notebooks" / "src"
 OUT = ROOT / "notebooks"
 _HEADER = re.compile(r"^# %%(?P<rest>.*)$")
-HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 
 
 def function_source(module: str, name: str) -> str:
@@ -64,17 +65,11 @@ def exercise_tag_of(module: str, name: str) -> str:
     path = ROOT / "vitseg_lab" / f"{module.replace('.', '/')}.py"
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
-            m = re.match(r"Exercise\s+(\d+\.\d+)", (ast.get_docstring(node) or "").strip())
-            if m:
-                return m.group(1)
+            tag = tag_of_docstring(ast.get_docstring(node))
+            if tag:
+                return tag
     raise SystemExit(f"{path}: {name} has no 'Exercise N.M · ...' docstring (named by a "
                      "[solution] cell)")
-
-
-def hidden_block(tag: str, name: str) -> str:
-    """The hidden-test block of exercise ``tag``: record the learner's outputs (vitseg_lab.recorder)."""
-    return (f"{HIDDEN_BEGIN}\nfrom vitseg_lab.recorder import record\nrecord({tag!r}, {name})\n"
-            f"{HIDDEN_END}")
 
 
 def _meta(kind: str, grade_id: str, points: int | None = None) -> dict:

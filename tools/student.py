@@ -2,13 +2,13 @@
 
 Two kinds of reference material are removed:
 
-* **Library** (``vitseg_lab/**.py``): every ``### BEGIN SOLUTION`` … ``### END SOLUTION`` region is
-  replaced by ``raise ExerciseNotDone("N.M")``. The exercise number comes from the first
+* **Library** (``vitseg_lab/**.py``, ``tools.edition.strip_library``): every
+  ``### BEGIN SOLUTION`` … ``### END SOLUTION`` region is replaced by ``raise ExerciseNotDone("N.M")``. The exercise number comes from the first
   docstring line of the enclosing function (``Exercise N.M · …``, read with ``ast``), the notebook
   from the chapter registry; indentation, signature and docstring are kept. The
   instructor-only package ``vitseg_lab/_grader/`` is left out.
 * **Notebooks**: each chapter notebook goes through ``nbgrader generate_assignment`` in the
-  course folder (``tools.grading``), which strips solution cells and hidden tests; the student
+  course folder (``tools.course``), which strips solution cells and hidden tests; the student
   edition takes its notebooks from ``release/``.
 
 The result installs with one command (``make lab`` or ``pip install -e '.[dev]'`` inside it) and
@@ -21,151 +21,16 @@ budgets.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
 
-from vitseg_lab.exercises import notebook_of
+from tools.course import LIBRARY, ROOT, build_course, cell_budgets, chapter_notebooks
+from tools.edition import INSTRUCTOR_ONLY, StripError, strip_library, strip_source
 
-ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ROOT / "vitseg_lab"
-INSTRUCTOR_ONLY = ("_grader",)               # sub-packages never shipped to learners
-_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
-
-_BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION[ \t]*$")
-_END = re.compile(r"^[ \t]*### END SOLUTION[ \t]*$")
-_TAG = re.compile(r"Exercise\s+(\d+\.\d+)")
-_IMPORT = "from vitseg_lab.exercises import ExerciseNotDone  # student edition: exercise stubs raise it"
-
-
-class StripError(SystemExit):
-    """A reference region the stripper cannot turn into a stub (the build stops, saying where)."""
-
-
-# ------------------------------------------------------------------------------------- library
-
-def _enclosing_function(tree: ast.Module, lineno: int) -> ast.FunctionDef | None:
-    best = None
-    for node in ast.walk(tree):
-        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and node.lineno <= lineno <= (node.end_lineno or node.lineno)
-                and (best is None or node.lineno > best.lineno)):
-            best = node                           # innermost
-    return best
-
-
-def _imports_exercise_not_done(tree: ast.Module) -> bool:
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and any(
-            a.name == "ExerciseNotDone" and a.asname is None for a in node.names
-        ):
-            return True
-    return False
-
-
-def strip_source(text: str, where: str = "<module>") -> tuple[str, list[str]]:
-    """Replace every solution region of one module by an ``ExerciseNotDone`` stub.
-
-    Returns the new text and the exercise numbers stubbed. Raises ``StripError`` on an unclosed
-    region, a region outside a function, a function without an ``Exercise N.M`` tag or a module
-    whose chapter is not in the registry (the notebook named in the stub comes from the tag).
-    """
-    if "### BEGIN SOLUTION" not in text:
-        return text, []
-    tree = ast.parse(text)
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    tags: list[str] = []
-    i = 0
-    while i < len(lines):
-        m = _BEGIN.match(lines[i].rstrip("\n"))
-        if not m:
-            out.append(lines[i])
-            i += 1
-            continue
-        begin = i + 1                             # 1-based line number of the marker
-        j = i + 1
-        while j < len(lines) and not _END.match(lines[j].rstrip("\n")):
-            if _BEGIN.match(lines[j].rstrip("\n")):
-                raise StripError(f"{where}:{j + 1}: nested ### BEGIN SOLUTION")
-            j += 1
-        if j == len(lines):
-            raise StripError(f"{where}:{begin}: ### BEGIN SOLUTION without ### END SOLUTION")
-        fn = _enclosing_function(tree, begin)
-        if fn is None:
-            raise StripError(f"{where}:{begin}: solution region outside a function")
-        doc = (ast.get_docstring(fn) or "").strip().splitlines()
-        tag = _TAG.match(doc[0]) if doc else None
-        if tag is None:
-            raise StripError(
-                f"{where}:{fn.lineno}: {fn.name} holds a solution region but its docstring does "
-                "not start with 'Exercise N.M · …'"
-            )
-        notebook = notebook_of(tag.group(1))
-        ind = m.group("indent")
-        out.append(f"{ind}# Written by the learner in {notebook}; @plug puts it here.\n")
-        out.append(f'{ind}raise ExerciseNotDone("{tag.group(1)}")\n')
-        tags.append(tag.group(1))
-        i = j + 1
-    new = "".join(out)
-    if not _imports_exercise_not_done(tree):
-        new = _add_import(new, where)
-    ast.parse(new)                                # the stub must still compile
-    return new, tags
-
-
-def _add_import(text: str, where: str) -> str:
-    """Insert the ExerciseNotDone import after the module's last top-level import."""
-    tree = ast.parse(text)
-    last = None
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            last = node
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-            break
-    lines = text.splitlines(keepends=True)
-    if last is None:                              # after the docstring / __future__ import
-        at = 0
-        if tree.body and isinstance(tree.body[0], ast.Expr) and isinstance(
-            getattr(tree.body[0], "value", None), ast.Constant
-        ):
-            at = tree.body[0].end_lineno or 0
-    else:
-        at = last.end_lineno or last.lineno
-    return "".join(lines[:at]) + _IMPORT + "\n" + "".join(lines[at:])
-
-
-def strip_library(src: Path = LIBRARY, dst: Path | None = None) -> dict[str, list[str]]:
-    """Copy the library to ``dst`` as the student edition; returns {relative path: exercises}."""
-    if dst is None:
-        raise ValueError("strip_library needs a destination folder")
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(
-        "__pycache__", "*.pyc", *INSTRUCTOR_ONLY))
-    stubbed: dict[str, list[str]] = {}
-    for py in sorted(dst.rglob("*.py")):
-        rel = py.relative_to(dst).as_posix()
-        text = py.read_text()
-        new, tags = strip_source(text, f"vitseg_lab/{rel}")
-        if tags:
-            py.write_text(new)
-            stubbed[rel] = tags
-    leftovers = [p for p in dst.rglob("*") if p.is_file()
-                 and ("### BEGIN SOLUTION" in _read(p) or "### END SOLUTION" in _read(p))]
-    if leftovers:
-        raise StripError(f"solution markers left in {leftovers}")
-    return stubbed
-
-
-def _read(p: Path) -> str:
-    try:
-        return p.read_text()
-    except UnicodeDecodeError:
-        return ""
+__all__ = ["INSTRUCTOR_ONLY", "LIBRARY", "StripError", "build_student", "main", "strip_library",
+           "strip_source"]
 
 
 # -------------------------------------------------------------------------------- student edition
@@ -248,6 +113,10 @@ c.Execute.timeout = CELL_TIMEOUT
 c.Execute.timeout_func = (
     lambda cell: LONG_TIMEOUT if "long-running" in cell.get("metadata", {{}}).get("tags", [])
     else CELL_TIMEOUT)
+# nbgrader gives a test cell 0 for any stderr output (a warning, a tqdm bar): the kernel it starts
+# sends them to stdout, as the grader's kernel does, so Validate and the grade agree.
+STDERR_TO_STDOUT = "import sys; sys.stderr = sys.stdout"
+c.Execute.extra_arguments = [f"--IPKernelApp.exec_lines={{STDERR_TO_STDOUT}}"]
 """
 
 
@@ -265,11 +134,9 @@ def build_student(out: Path, course: Path, *, rebuild: bool = True) -> Path:
     """Assemble ``out`` from the course's ``release/`` notebooks and a stripped library.
 
     ``rebuild``: regenerate the course (source/ and release/) first; False reuses a course that
-    ``tools.grading.build_course`` has just built.
+    ``tools.course.build_course`` has just built.
     """
-    from tools import grading
-
-    assignments = grading.build_course(course) if rebuild else grading.chapter_notebooks()
+    assignments = build_course(course) if rebuild else chapter_notebooks()
     if out.exists():
         shutil.rmtree(out)
     (out / "notebooks").mkdir(parents=True)
@@ -290,7 +157,7 @@ def build_student(out: Path, course: Path, *, rebuild: bool = True) -> Path:
     (out / "Makefile").write_text(_MAKEFILE)
     (out / ".gitignore").write_text(".venv/\n__pycache__/\n*.pyc\n.ipynb_checkpoints/\n"
                                     "data/*\n!data/README.md\nruns/\n*.egg-info/\n")
-    cell, long = grading.cell_budgets()
+    cell, long = cell_budgets()
     (out / "nbgrader_config.py").write_text(_NBGRADER_CONFIG.format(cell=cell, long=long))
     return out
 

@@ -1,10 +1,13 @@
 """Session fixtures: one nbgrader course (built once, in a temporary folder), the demo learners
-(reference / empty / buggy for every chapter present) and a "tamper" learner for chapter 01,
-autograded once and shared by every test of this folder.
+(reference / empty / buggy for every chapter present, hidden-only where written down) and the
+chapter-01 tamper learners (the existing "tamper" plus one per group of attacks in tamper_cases.py),
+autograded once — two learners at a time, each in its own worker course and sandbox, the course
+gradebook written by this process only — and shared by every test of this folder.
 
 The autograde run is made hostile on purpose: PYTHONPATH names the repository, so the instructor's
-library (reference solutions included) is importable ahead of the assignment folder, on top of the
-editable install. Grades must still come from the notebooks' cells alone.
+library (reference solutions and the grader included) is importable ahead of the assignment folder
+outside the sandbox, on top of the editable install. Grades must still come from the notebooks'
+cells alone.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import pytest
 from tools import grading as g
 from tools import student as st
 
+from tests.grading import tamper_cases as tm
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = g.DEMO_STUDENTS
 TAMPER = "tamper"
 TAMPER_CELL_TIMEOUT = 20           # seconds per cell for this run (the infinite loop costs one)
+JOBS = 2                           # learners graded at once (tools.autograding.autograde_parallel)
+ATTACKS = tm.ATTACKS
 
 
 @dataclass
@@ -32,6 +39,10 @@ class Course:
     assignments: dict[str, Path]
     timings: dict[str, float] = field(default_factory=dict)
     expected_tamper: dict[str, float] = field(default_factory=dict)
+    expected_attacks: dict[str, dict[str, float]] = field(default_factory=dict)
+    protected: dict[str, bytes] = field(default_factory=dict)
+    sandbox: dict = field(default_factory=dict)
+    leftover_processes: list[str] = field(default_factory=list)
 
 
 def _cells_by_id(nb):
@@ -42,7 +53,13 @@ def _cells_by_id(nb):
 def _with_body(source: str, body: list[str]) -> str:
     """Keep the decorator, signature and docstring of a solution cell; replace the body."""
     lines = source.splitlines()
-    return "\n".join(lines[: g._docstring_end(lines)] + body)
+    return "\n".join(lines[: g.docstring_end(lines)] + body)
+
+
+def expected_points(course: Path, attacked: set[str]) -> dict[str, float]:
+    """Per test cell: 0 for the exercises in ``attacked``, full points for the others."""
+    return {test: (0.0 if sol in attacked else p)
+            for sol, tests in g.exercise_points(course, "ch01").items() for test, p in tests.items()}
 
 
 def tamper_ch01(course: Path) -> tuple[nbformat.NotebookNode, dict[str, float]]:
@@ -110,16 +127,50 @@ def graded(course: Course) -> Course:
         g.submit(root, "demo-reference", a, g.reference_submission(root, a))
         g.submit(root, "demo-empty", a, g.empty_submission(root, a))
         g.submit(root, "demo-buggy", a, g.buggy_submission(root, a)[0])
+        if a in g.HIDDEN_ONLY:
+            g.submit(root, "demo-hidden", a, g.hidden_only_submission(root, a)[0])
     if "ch01" in course.assignments:
         nb, course.expected_tamper = tamper_ch01(root)
         g.submit(root, TAMPER, "ch01", nb)
+        for sid, build in ATTACKS.items():
+            nb, attacked = build(root)
+            path = g.submit(root, sid, "ch01", nb)
+            course.expected_attacks[sid] = expected_points(root, attacked)
+            if sid == "tamper-proc":
+                tm.forged_grading_dir(path.parent)
+    for name in ("gradebook.db", "nbgrader_config.py", "vitseg_nbgrader.py", "kernel_guard.py",
+                 "vitseg_sandbox.py", "source/ch01/01_vit_attention.ipynb"):
+        if (root / name).exists() and name != "gradebook.db":
+            course.protected[name] = (root / name).read_bytes()
+    course.sandbox = g.sandbox_report(root, "ch01")
     env = {"PYTHONPATH": str(ROOT), "VITSEG_CELL_TIMEOUT": str(TAMPER_CELL_TIMEOUT)}
     for a in course.assignments:
         t0 = time.perf_counter()
-        g.autograde(root, a, "*", env=env)
+        try:
+            g.autograde(root, a, "*", env=env, jobs=JOBS)
+        except SystemExit as e:          # a learner that could not be graded: tests say which
+            print(e)
         course.timings[a] = time.perf_counter() - t0
         g.nbgrader(root, "generate_feedback", a, "--force", capture=True)
+    course.leftover_processes = sandbox_processes()
     return course
+
+
+def sandbox_processes() -> list[str]:
+    """Processes still running as a sandbox user (the kernels' users), as 'pid cmdline'."""
+    base = g.sandbox_module().BASE_UID
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            uid = int(next(ln for ln in (d / "status").read_text().splitlines()
+                           if ln.startswith("Uid:")).split()[1])
+            if base <= uid < base + 1000:
+                out.append(f"{d.name} {(d / 'cmdline').read_bytes()[:200]!r}")
+        except (OSError, StopIteration, ValueError):
+            continue
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ import pytest
 
 from tools import grading as g
 
+from tests.grading.tamper_cases import ATTACKS
+
 DEMO = g.DEMO_STUDENTS
 TAMPER = "tamper"              # the learner conftest.py builds from the tamper and fault cases
 
@@ -46,6 +48,8 @@ def test_demo_scores_reference_full_empty_zero_buggy_exact(graded):
     for a in graded.assignments:
         assert want[("demo-reference", a)] == got[("demo-reference", a)]["max_score"] > 0
         assert want[("demo-buggy", a)] < want[("demo-reference", a)]
+        if a in g.HIDDEN_ONLY:
+            assert want[("demo-hidden", a)] < want[("demo-reference", a)]
     print("\n" + g.score_table(graded.root, [*DEMO, TAMPER]))
     print({a: f"{t:.0f} s" for a, t in graded.timings.items()})
 
@@ -78,7 +82,9 @@ def test_release_carries_no_reference_hidden_test_or_grader(graded, secrets):
 
 def test_feedback_carries_no_hidden_test_or_grader(graded, secrets):
     folders = sorted((graded.root / "feedback").glob("*/*"))
-    assert len(folders) == len(DEMO) * len(graded.assignments) + 1
+    n_hidden = sum(1 for a in graded.assignments if a in g.HIDDEN_ONLY)
+    n_tamper = 1 + len(ATTACKS) if "ch01" in graded.assignments else 0
+    assert len(folders) == (len(DEMO) - 1) * len(graded.assignments) + n_hidden + n_tamper
     for folder in folders:
         assert not (folder / "vitseg_lab" / "_grader").exists(), folder
         assert g.find_leaks(folder, ("hidden", "grader"), secrets) == [], folder
@@ -202,3 +208,23 @@ def test_scores_csv_and_nbgrader_export(graded, tmp_path):
     ref = [r for r in exported if r["student_id"] == "demo-reference"]
     assert len(ref) == len(graded.assignments)
     assert all(float(r["score"]) == float(r["max_score"]) > 0 for r in ref)
+
+
+def test_hidden_only_mistakes_are_caught_by_the_verdict_outside_the_kernel(graded):
+    """demo-hidden passes every visible test; the exercises it loses carry the verdict that
+    nbgrader's process computed after the kernel was gone (HiddenCheckFailed), and only them."""
+    for a in graded.assignments:
+        if a not in g.HIDDEN_ONLY:
+            continue
+        nb = _autograded(graded, "demo-hidden", a)
+        planted = {m.exercise for m in g.hidden_only_submission(graded.root, a)[1]}
+        tests = {t: sol for sol, ts in g.exercise_points(graded.root, a).items() for t in ts}
+        for cell in nb.cells:
+            gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+            if gid not in tests:
+                continue
+            errors = [o for o in cell.outputs if o.output_type == "error"]
+            if tests[gid] in planted:
+                assert [o.ename for o in errors] == ["HiddenCheckFailed"], (a, gid, errors)
+            else:
+                assert errors == [], (a, gid, errors)

@@ -11,7 +11,7 @@ import pytest
 
 from tools import grading as g
 
-hooks = g._hooks()
+hooks = g.hooks()
 
 
 def _meta(kind: str, gid: str, points: int = 0) -> dict:
@@ -209,3 +209,20 @@ def test_scrub_replaces_traceback_entries_that_quote_hidden_lines():
     assert hooks.scrub_outputs(cell, hooks.hidden_lines(src)) == 1
     assert "check_f" not in json.dumps(cell.outputs)
     assert cell.outputs[0]["traceback"][-1] == "AssertionError: wrong"
+
+
+def test_edited_grading_flags_of_our_cells_are_put_back():
+    """A test cell turned into a solution cell (nbgrader would fail the whole notebook with
+    "Inconsistent checksums"), a solution cell made graded, a test cell's points raised."""
+    rel = release()
+    nb = copy.deepcopy(rel)
+    nb.cells[3].metadata["nbgrader"].update(grade=False, solution=True, locked=False)
+    nb.cells[3].source = "pass"
+    nb.cells[2].metadata["nbgrader"].update(grade=True, points=50)
+    nb.cells[5].metadata["nbgrader"]["points"] = 1000
+    issues = hooks.fix_structure(nb, rel)
+    for i in (2, 3, 5):
+        assert nb.cells[i].metadata["nbgrader"] == rel.cells[i].metadata["nbgrader"]
+    assert nb.cells[3].source == rel.cells[3].source          # a locked cell gets its content back
+    assert sorted(i["grade_id"] for i in issues if i["kind"] == "metadata") == [
+        "double", "double_test", "triple_test"]

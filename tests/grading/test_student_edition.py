@@ -133,6 +133,24 @@ def test_validate_passes_the_reference(student_edition, course, assignment):
     assert "Success! Your notebook passes all the tests." in ok, ok[-3000:]
 
 
+def test_validate_agrees_with_autograde_on_warnings_and_tqdm(student_edition, course):
+    """A correct solution that warns and draws a plain tqdm bar inside its graded cells: nbgrader
+    gives a test cell 0 for any stderr, so both kernels send them to stdout. Autograde gives the
+    same learner full marks for it (test_tamper.py, tamper-disk's softmax)."""
+    if "ch01" not in g.chapter_notebooks():
+        pytest.skip("chapter 01 is not in this course")
+    from tests.grading.tamper_cases import noisy_reference
+
+    name = g.chapter_notebooks()["ch01"].name
+    work = student_edition / "notebooks" / f"_noisy_{name}"
+    nbformat.write(noisy_reference(course.root), work)
+    try:
+        ok = _validate(student_edition, work)
+    finally:
+        work.unlink()
+    assert "Success! Your notebook passes all the tests." in ok, ok[-3000:]
+
+
 def _free_port() -> int:
     import socket
 
