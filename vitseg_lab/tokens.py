@@ -67,6 +67,7 @@ __all__ = [
     "project",
     "projector_attention",
     "quick_data",
+    "quick_flops",
     "recurrent_attention",
     "run",
     "token_explorer",
@@ -808,13 +809,22 @@ def flops_table(quick_cfg: TokensConfig | None = None) -> list[dict[str, Any]]:
                          "ours_vt": count_gmacs(vtfpn, feats), "paper": PAPER[f"fpn_{key}_gflops"],
                          "paper_vt": PAPER[f"vt_fpn_{key}_gflops"],
                          "paper_ratio": PAPER[f"fpn_{key}_reduction"]})
-    q = quick_cfg or TokensConfig.quick()
+    for r in rows:
+        r["ratio"] = r["ours"] / r["ours_vt"]
+    return rows + quick_flops(quick_cfg)
+
+
+def quick_flops(cfg: TokensConfig | None = None) -> list[dict[str, Any]]:
+    """The quick model's rows of ``flops_table``: its VT head vs the conv head of equal
+    parameters on the stem's feature map, and the whole models, in G multiply-adds."""
+    q = cfg or TokensConfig.quick()
+    rows = []
     with torch.device("meta"):
         vt, conv = build(q, 10), build(replace(q, head="conv"), 10)
         x = torch.zeros(1, 3, q.img_size, q.img_size)
         C, s = q.channels, q.img_size // q.patch_size
         feat = torch.zeros(1, C, s, s)
-        rows.append({"what": f"quick head: 2 VT modules vs conv pair, {s} x {s} x {C}",
+        rows.append({"what": f"quick head: {q.num_modules} VT modules vs conv pair, {s} x {s} x {C}",
                      "ours": count_gmacs(conv.head, feat), "ours_vt": count_gmacs(vt.head, feat),
                      "paper": None, "paper_vt": None, "paper_ratio": None,
                      "params": sum(p.numel() for p in conv.head.parameters()),

@@ -357,7 +357,7 @@ print(f"VT module: {tuple(x.shape)} -> tokens {tuple(o1.tokens.shape)} -> featur
 # %%
 vt_model = tokens.build(teach, scenes.num_classes)
 conv_model = tokens.build(replace(teach, head="conv"), scenes.num_classes)
-rows = tokens.flops_table(teach)[-2:]
+rows = tokens.quick_flops(teach)
 for r in rows:
     extra = f" · parameters {r['params']:,} (conv) vs {r['params_vt']:,} (VT)" if "params" in r else ""
     print(f"{r['what']}: {1e3 * r['ours']:.2f} M (conv) vs {1e3 * r['ours_vt']:.2f} M (VT), {r['ratio']:.1f}x{extra}")
