@@ -6,7 +6,7 @@ functions below are the whole ViT forward pass written out; ``ExplicitViT`` runs
 (and a test proves the reference path reproduces timm's output to float precision).
 
 Shapes: B batch · H, W pixels · p patch size · h, w = H/p, W/p patch grid · L = h*w patch tokens ·
-P prefix (CLS) tokens · C channels · nh heads · d = C/nh head width · K classes.
+P prefix (CLS) tokens · C channels · nh heads · dh = C/nh head width · K classes.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def multi_head_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exercise 1.5 · multi-head self-attention with the attention map made explicit.
 
-    q, k, v = split(x W_qkvᵀ + b) into nh heads of width d = C / nh;
-    A = softmax(q kᵀ / sqrt(d)) per head (use your ``softmax``); out = merge(A v) W_projᵀ + b.
+    q, k, v = split(x W_qkvᵀ + b) into nh heads of width dh = C / nh;
+    A = softmax(q kᵀ / sqrt(dh)) per head (use your ``softmax``); out = merge(A v) W_projᵀ + b.
     The qkv output is laid out [q | k | v] and, inside each, head by head (timm's layout).
 
     Args:

@@ -25,7 +25,7 @@
 # button in the toolbar checks the whole notebook the way the grader will.
 #
 # Shapes use one notation throughout: `B` batch, `H, W` pixels, `p` patch size, `h, w` patch
-# grid, `L = h·w` patch tokens, `C` channels, `nh` heads, `d = C / nh` head width.
+# grid, `L = h·w` patch tokens, `C` channels, `nh` heads, `dh = C / nh` head width.
 
 # %%
 import math
@@ -206,7 +206,7 @@ print("softmax: all visible tests passed")
 
 # %% [markdown]
 # Dividing the scores by a **temperature** sharpens or flattens the weights — the reason
-# attention divides by $\sqrt{d}$: without it, dot products of long vectors get large and the
+# attention divides by $\sqrt{d_h}$: without it, dot products of long vectors get large and the
 # softmax saturates to a single key.
 
 # %%
@@ -220,9 +220,9 @@ plt.show()
 # ## 1.5 Multi-head self-attention
 #
 # Each token is projected to a query, a key and a value (one `Linear(C, 3C)` in timm, laid out
-# `[q | k | v]`, each split into `nh` heads of width $d = C/n_h$). For each head,
+# `[q | k | v]`, each split into `nh` heads of width $d_h = C/n_h$). For each head,
 #
-# $$A = \mathrm{softmax}\!\left(\frac{QK^\top}{\sqrt{d}}\right), \qquad \mathrm{head} = AV,$$
+# $$A = \mathrm{softmax}\!\left(\frac{QK^\top}{\sqrt{d_h}}\right), \qquad \mathrm{head} = AV,$$
 #
 # the heads are concatenated back to $C$ channels and projected once more. Row $i$ of $A$ says
 # how much token $i$ takes from every other token: that is the **attention map** we will draw.
@@ -241,10 +241,10 @@ vl.expect_shape(attn, "B nh N M", name="attention map", B=B, nh=nh, N=N, M=N)
 assert torch.allclose(attn.sum(-1), torch.ones(B, nh, N), atol=1e-5), "attention rows should sum to 1"
 
 # A literal loop for head 1 of sample 0.
-d = C // nh
+dh = C // nh
 qkv = blk[0](x)
-q, k, v = (qkv[0, :, j * C + d:j * C + 2 * d] for j in range(3))
-a = torch.stack([torch.softmax(torch.stack([q[i] @ k[j] for j in range(N)]) / math.sqrt(d), 0) for i in range(N)])
+q, k, v = (qkv[0, :, j * C + dh:j * C + 2 * dh] for j in range(3))
+a = torch.stack([torch.softmax(torch.stack([q[i] @ k[j] for j in range(N)]) / math.sqrt(dh), 0) for i in range(N)])
 assert torch.allclose(attn[0, 1], a.detach(), atol=1e-5), "head 1's attention map differs from the loop"
 
 # Same numbers as timm's own Attention module with the same weights.
@@ -349,7 +349,8 @@ assert torch.allclose(r, R[:, 0, 1:], atol=1e-6), "four layers: multiply in orde
 print("attention_rollout: all visible tests passed")
 
 # %% [markdown]
-# Rollout of the trained model on held-out scenes, computed by your function:
+# Rollout of the trained model on held-out scenes, computed by your function (above each scene:
+# the classes it contains; below: how much the final CLS token draws on each patch):
 
 # %%
 batch = torch.stack([val[i]["image"] for i in range(6)])
@@ -358,7 +359,8 @@ with torch.no_grad():
 roll = attention_rollout(out.attn).reshape(-1, *out.grid)
 fig, axes = plt.subplots(2, 6, figsize=(11, 3.8))
 for i in range(6):
-    viz.show_image(batch[i], axes[0, i], title=val[i]["expression"])
+    shown = [val.class_names[k + 1] for k in val[i]["labels"].nonzero().flatten().tolist()]
+    viz.show_image(batch[i], axes[0, i], title="\n".join(shown))
     viz.show_heatmap(batch[i], roll[i], axes[1, i])
 plt.show()
 
