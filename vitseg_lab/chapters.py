@@ -17,8 +17,11 @@ The protocol every chapter module (``vitseg_lab/<slug>.py``) follows, exactly:
   keeps ``cfg`` as ``model.cfg`` so that ``loss_fn`` and ``metric_fn`` need nothing else;
 - ``loss_fn(model, batch) -> dict[str, Tensor]`` with the total under ``"loss"``;
 - ``metric_fn(model, loader) -> dict[str, float]`` including ``cfg.target_metric``;
-- ``run(cfg) -> RunResult``; ``full_scale_check(cfg) -> str | None`` (every missing piece, one line
-  each, with the exact command); ``load(checkpoint) -> nn.Module``.
+- ``full_data(cfg) -> (train, val)`` of the full-scale benchmark (``vitseg-lab eval`` uses it);
+- ``run(cfg) -> RunResult`` (``train.run_chapter`` once the data is chosen: one seed, the untrained
+  baseline, ``fit`` with ``checkpoint_meta``); ``full_scale_check(cfg) -> str | None`` (every
+  missing piece, one line each, with the exact command: ``fullscale.check``);
+  ``load(checkpoint) -> nn.Module`` (``load_model(checkpoint, SLUG)``).
 """
 
 from __future__ import annotations
