@@ -68,6 +68,7 @@
 
 # %%
 import math
+from collections import Counter
 
 import matplotlib.pyplot as plt
 import torch
@@ -409,8 +410,6 @@ print("referring_metrics: all visible tests passed")
 # **convolution-free**: here is every kind of layer in the model.
 
 # %%
-from collections import Counter
-
 kinds = Counter(type(mod).__name__ for mod in model.modules() if not list(mod.children()))
 print("layer types:", dict(kinds))
 convs = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.modules.conv._ConvNd)]
@@ -424,11 +423,11 @@ print("untrained loss:", {k: round(float(v.detach()), 3) for k, v in terms.items
 #
 # Train it from scratch on ShapeScenes: a 2-block ViT with 8×8 patches (an 8×8 grid), a 1-block
 # language encoder over a learned 21-word table, one visual-linguistic block, one seed block,
-# width 48, and the 3-block decoder — on one CPU thread, in about half a minute. Two
+# width 48, and the 3-block decoder — on one CPU thread (about 40 s of CPU time). Two
 # **sentence-blind baselines** are measured in the same run on the same held-out scenes:
 #
-# - *largest object*: it is handed the ground-truth instances and picks the biggest — the best a
-#   model can do by saliency alone;
+# - *largest object*: it is handed the ground-truth instances and picks the biggest — about the best
+#   a sentence-blind model can hope for from saliency;
 # - *shuffled*: **your trained model**, each scene given another scene's expression. If the model
 #   ignored the words, this would cost nothing.
 #
@@ -440,17 +439,23 @@ print("untrained loss:", {k: round(float(v.detach()), 3) for k, v in terms.items
 result = restr.run(teach)
 model = result.model
 base, m = result.baseline, result.metrics
+count = Counter(restr.expression_kind(result.val[i]["expression"]) for i in range(len(result.val)))
 print(f"{'held-out scenes':<22}{'oIoU':>7}{'mIoU':>7}{'prec@0.5':>10}{'n':>6}")
 for kind in ("all", "attribute", "spatial", "size"):
     sfx = "" if kind == "all" else f"_{kind}"
-    n = int(sum(m.get(f"n_{k}", 0) for k in ("attribute", "spatial", "size"))) if kind == "all" else int(m.get(f"n_{kind}", 0))
     if f"oIoU{sfx}" not in m:
         continue
+    n = len(result.val) if kind == "all" else count[kind]
     print(f"ReSTR, {kind:<15}{m[f'oIoU{sfx}']:>7.3f}{m[f'mIoU{sfx}']:>7.3f}{m[f'prec@0.5{sfx}']:>10.3f}{n:>6}")
     print(f"  largest object{'':<6}{base[f'oIoU{sfx}']:>7.3f}{base[f'mIoU{sfx}']:>7.3f}{base[f'prec@0.5{sfx}']:>10.3f}")
     print(f"  shuffled words{'':<6}{m[f'shuffled_oIoU{sfx}']:>7.3f}{m[f'shuffled_mIoU{sfx}']:>7.3f}{m[f'shuffled_prec@0.5{sfx}']:>10.3f}")
 print(result.summary())
-result.history.plot()
+rows = [r for r in result.history.rows if "lr" in r]
+fig, ax = plt.subplots(figsize=(5, 3))
+for key in ("loss", "patch_bce", "mask_bce"):
+    ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+ax.set_xlabel("step"); ax.set_ylabel("train loss"); ax.legend(fontsize=8)
+plt.show()
 
 # %% [markdown]
 # Read the table. *Attribute* expressions ("the red circle") need the colour and shape words
@@ -480,10 +485,10 @@ explorer
 # The visual-linguistic encoder attends over all $L + T$ tokens at once, so each block costs
 # $O((L+T)^2)$: doubling the image side multiplies $L$ by 4 and the attention by 16. The paper
 # names this its limit (480×480 at P = 16 is already 900 patches). Measured here, one fusion block
-# through your `padded_attention` (median of 3 runs; timings on a shared CPU are noisy):
+# through your `padded_attention` (the fastest of 5 runs; timings on a shared CPU are noisy):
 
 # %%
-sides = [4, 8, 12, 16, 24, 32]
+sides = [8, 16, 24, 32, 40]
 rows = restr.attention_cost_curve(sides, dim=64, num_heads=4, words=teach.max_len)
 Ls = torch.tensor([r["L"] for r in rows], dtype=torch.float64)
 ms = torch.tensor([r["ms"] for r in rows], dtype=torch.float64)
