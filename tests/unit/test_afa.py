@@ -265,7 +265,7 @@ def test_forward_shapes(smoke):
 
 
 def test_loss_schedule_uses_image_labels_only(smoke):
-    cfg, train, _, model = smoke
+    _, train, _, model = smoke
     batch = train.collate([train[i] for i in range(4)])
     batch = {"image": batch["image"], "labels": batch["labels"]}      # no masks at all
     model.train()
