@@ -668,28 +668,31 @@ _IMAGENET_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
 
 
 def full_scale_check(cfg: TokensConfig | None = None) -> str | None:
-    """Every piece the full-scale run lacks, one line each with the command; None when ready."""
+    """Every piece the full-scale run lacks, one ``- `` line each with the command (after the
+    course's header line, ``vitseg_lab.fullscale``); None when it can start."""
+    from .chapters import get
+    from .fullscale import gpu_line
+
     cfg = cfg or TokensConfig.full()
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("- a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full "
-                       "jupyter lab notebooks/02_visual_tokens.ipynb`, or for 8 GPUs "
-                       "`torchrun --nproc_per_node 8 -m vitseg_lab.cli train tokens --scale full`")
+    missing = [gpu_line("tokens", gpus=8)]
     if cfg.dataset == "imagenet":
         root = imagenet_root(cfg)
         parsed = os.path.exists(os.path.join(root, "meta.bin")) and all(
             os.path.isdir(os.path.join(root, s)) for s in ("train", "val"))
         absent = [f for f in _IMAGENET_FILES if not os.path.exists(os.path.join(root, f))]
         if not parsed and absent:
-            missing.append(f"- ImageNet-1k (ILSVRC2012) in {root}: download {', '.join(absent)} "
+            missing.append(f"ImageNet-1k (ILSVRC2012) in {root}: download {', '.join(absent)} "
                            "from https://image-net.org/download-images (a free account; no "
                            f"public mirror) into {root}/, then `python -c \"from "
                            "torchvision.datasets import ImageNet; ImageNet('"
                            f"{root}', split='train'); ImageNet('{root}', split='val')\"` "
-                           "unpacks them once")
+                           "unpacks them once.")
+    missing = [m for m in missing if m]
     if not missing:
         return None
-    return "Full scale needs:\n" + "\n".join(missing)
+    head = (f"Full scale of chapter {get('tokens').nn} (tokens) cannot start on this machine; "
+            f"{len(missing)} missing piece{'s' if len(missing) > 1 else ''}:")
+    return "\n".join([head, *(f"- {m}" for m in missing)])
 
 
 def run(cfg: TokensConfig):
@@ -704,7 +707,6 @@ def run(cfg: TokensConfig):
     if cfg.dataset == "imagenet":
         msg = full_scale_check(cfg)
         if msg:
-            print(msg)
             return RunResult(None, None, {}, cfg.target_metric, cfg.target,
                              time.perf_counter() - t0, asdict(cfg), skipped=msg)
         from .data.common import collate

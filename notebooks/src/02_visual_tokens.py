@@ -389,7 +389,9 @@ print(result.summary())
 print(f"VT: mIoU {result.value:.3f}, pixel accuracy {result.metrics['pixel_acc']:.3f} · "
       f"conv baseline (same parameters): mIoU {result.baseline['mIoU']:.3f}, "
       f"pixel accuracy {result.baseline['pixel_acc']:.3f}")
-print(f"head cost per image: VT {1e6 * rows[0]['ours_vt']:.0f} k multiply-adds, conv {1e6 * rows[0]['ours']:.0f} k")
+cost = tokens.quick_flops(teach)[0]
+print(f"head cost per image: VT {1e6 * cost['ours_vt']:.0f} k multiply-adds, conv {1e6 * cost['ours']:.0f} k "
+      f"({cost['ratio']:.1f}x fewer for VT) · parameters {cost['params_vt']:,} vs {cost['params']:,}")
 result.history.plot()
 plt.show()
 
@@ -449,8 +451,10 @@ tokens.print_flops_table(tokens.flops_table(teach))
 
 # %%
 if vl.scale() == "full":
-    full = tokens.run(cfg)   # prints every missing piece and returns early without them
-    if not full.skipped:
+    full = tokens.run(cfg)   # returns at once, with every missing piece, when it cannot start
+    if full.skipped:
+        print(full.skipped)
+    else:
         print(f"ImageNet top-1: VT-R18 {100 * full.value:.1f} (paper {tokens.PAPER['vt_r18_top1']}) · "
               f"ResNet-18 {100 * full.baseline['top1']:.1f} (paper {tokens.PAPER['r18_top1']})")
 else:

@@ -304,9 +304,9 @@ def test_full_scale_check_names_every_missing_piece(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = replace(tokens.TokensConfig.full(), data_root=str(tmp_path))
     msg = tokens.full_scale_check(cfg)
-    lines = msg.splitlines()[1:]
-    assert len(lines) == 2
-    assert "CUDA" in lines[0] and "torchrun" in lines[0]
+    head, *lines = msg.splitlines()
+    assert head.startswith("Full scale of chapter 02 (tokens) cannot start") and len(lines) == 2
+    assert lines[0].startswith("- a CUDA GPU") and "torchrun" in lines[0]
     assert "ILSVRC2012_img_val.tar" in lines[1] and "image-net.org" in lines[1]
     res = tokens.run(cfg)
     assert res.skipped == msg and res.model is None
