@@ -36,7 +36,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -748,38 +748,33 @@ def shuffled_sentence_metrics(model: nn.Module, dataset, batch_size: int = 64
 # ----------------------------------------------------------------------------------------------
 
 def full_scale_check(cfg: ReSTRConfig | None = None) -> str | None:
-    """Every piece the full-scale run lacks, one line each with the exact command; None if ready."""
+    """Every piece the full-scale run lacks — a GPU, the ViT weights, the GloVe file, the data set —
+    as ``fullscale.check``'s message (a header, then one ``- piece`` line each with the exact
+    command), or None when it can start."""
+    from .fullscale import gpu_line
+
     cfg = cfg or ReSTRConfig.full()
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none found): on a GPU machine run `vitseg-lab train restr "
-                       "--scale full` or `torchrun --nproc_per_node 8 -m vitseg_lab.cli train "
-                       "restr --scale full`")
+    lines = [gpu_line("restr", 8)]
     if cfg.model_name != "quick" and cfg.pretrained:
-        from .backbone import weights_available
+        from .backbone import weights_problem
 
-        if not weights_available(cfg.model_name):
-            missing.append(f"the timm weights {cfg.model_name!r}: run `python -c \"import timm; "
-                           f"timm.create_model('{cfg.model_name}', pretrained=True)\"` with "
-                           "network")
-    if cfg.glove:
+        lines.append(weights_problem(cfg.model_name))
+    if cfg.glove and not _glove_path(cfg).is_file():
+        from .text import GLOVE_URL
+
         path = _glove_path(cfg)
-        if not path.is_file():
-            from .text import GLOVE_URL
-
-            missing.append(f"the GloVe vectors {path}: run `wget {GLOVE_URL} && unzip "
-                           f"glove.840B.300d.zip -d {path.parent}`")
+        lines.append(f"the GloVe vectors {path}: run `wget {GLOVE_URL} && unzip "
+                     f"glove.840B.300d.zip -d {path.parent}`")
     if cfg.dataset != "shapes":
-        try:
-            from .data.refcoco import RefCOCO
+        from .data.fetch import missing_message
 
-            RefCOCO(dataset=cfg.dataset, split="val")
-        except FileNotFoundError as e:   # DatasetNotFound names the command
-            missing.append(f"{cfg.dataset} ({str(e).rstrip('.')})")
-        except (ValueError, OSError, KeyError) as e:  # present but unreadable (DataFormatError)
-            missing.append(f"a readable {cfg.dataset} ({type(e).__name__}: {e}); run "
-                           f"`vitseg-lab data verify {cfg.dataset}`")
-    return "\n".join(missing) if missing else None
+        lines.append(missing_message(cfg.dataset))
+    lines = [line for line in lines if line]
+    if not lines:
+        return None
+    head = (f"Full scale of chapter 05 (restr) cannot start on this machine; {len(lines)} missing "
+            f"piece{'s' if len(lines) > 1 else ''}:")
+    return "\n".join([head, *(f"- {line}" for line in lines)])
 
 
 def _glove_path(cfg: ReSTRConfig):
@@ -832,69 +827,69 @@ def _refcoco_vocab(train) -> list[str]:
 # run / load
 # ----------------------------------------------------------------------------------------------
 
+def full_data(cfg: ReSTRConfig):
+    """(train, val) of the full-scale benchmark: ``cfg.dataset`` (RefCOCO unc by default), resized
+    to ``cfg.img_size`` squares, val = ``cfg.eval_splits[0]``; both with ``collate``."""
+    from .data.refcoco import RefCOCO
+
+    return (_Resized(RefCOCO(dataset=cfg.dataset, split="train"), cfg.img_size),
+            _Resized(RefCOCO(dataset=cfg.dataset, split=cfg.eval_splits[0]), cfg.img_size))
+
+
 def run(cfg: ReSTRConfig):
-    """Train with ``fit`` and evaluate beside sentence-blind baselines -> ``chapters.RunResult``.
+    """Train with ``fit`` (through ``train.run_chapter``) and evaluate beside sentence-blind
+    baselines -> ``chapters.RunResult``.
 
-    Quick: ShapeScenes; baseline = the largest ground-truth object of each scene (given the
+    Quick: ShapeScenes; ``baseline`` = the largest ground-truth object of each scene (handed the
     instances, blind to the sentence); ``metrics`` also holds ``shuffled_*``, the trained model
-    read another scene's expression. Full scale without its pieces: ``skipped`` = the lines.
+    reading another scene's expression. Full: RefCOCO (vocabulary from its training expressions,
+    GloVe vectors), every split of ``cfg.eval_splits``, baseline = the shuffled sentences. Full
+    scale without its pieces: ``skipped`` = the missing-pieces message (printed).
     """
-    from . import chapters
-    from .train import fit
+    from .train import evaluate, run_chapter, skipped_run
 
-    t0 = time.perf_counter()
     if cfg.dataset != "shapes":
         msg = full_scale_check(cfg)
         if msg:
             print(msg)
-            return chapters.RunResult(None, None, {}, cfg.target_metric, cfg.target, 0.0,
-                                      asdict(cfg), skipped=msg)
-        from .data.refcoco import RefCOCO
-
-        train_raw = RefCOCO(dataset=cfg.dataset, split="train")
-        cfg = replace(cfg, vocab=tuple(_refcoco_vocab(train_raw)))
-        train_ds = _Resized(train_raw, cfg.img_size)
-        val_ds = _Resized(RefCOCO(dataset=cfg.dataset, split=cfg.eval_splits[0]), cfg.img_size)
+            return skipped_run(cfg, msg)
+        train_ds, val_ds = full_data(cfg)
+        cfg = replace(cfg, vocab=tuple(_refcoco_vocab(train_ds.dataset)))
         collate = _Resized.collate
     else:
         train_ds, val_ds = quick_data(cfg)
         collate = train_ds.collate
-    torch.manual_seed(cfg.train.seed)
-    model = build(cfg, 1)
-    if cfg.glove:
-        n = model.language.words.load_glove(model.vocab, _glove_path(cfg))
-        print(f"GloVe: {n} of {len(model.vocab) - 2} words found")
-    threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        history = fit(model, train_ds, cfg.train, loss_fn, metric_fn, val_data=val_ds,
-                      collate_fn=collate, meta=chapters.checkpoint_meta("restr", cfg, 1))
-        metrics = dict(history.final)
-        if cfg.dataset == "shapes":
-            model.cpu()
-            baseline = largest_object_baseline(val_ds)
-            shuffled = shuffled_sentence_metrics(model, val_ds)
-            metrics.update({f"shuffled_{k}": v for k, v in shuffled.items()})
-        elif int(os.environ.get("RANK", "0")) == 0:
-            # the other splits (testA, testB): the paper reports oIoU on each; the baseline is
-            # the trained model reading other expressions (RefCOCO loaders carry no instances)
-            from .data.refcoco import RefCOCO
-            from .train import evaluate
 
-            for split in cfg.eval_splits[1:]:
-                ds = _Resized(RefCOCO(dataset=cfg.dataset, split=split), cfg.img_size)
-                m = evaluate(model, ds, cfg.train, loss_fn, metric_fn, collate)
-                metrics.update({f"{split}_{k}": v for k, v in m.items()})
-            baseline = shuffled_sentence_metrics(model, val_ds, cfg.train.batch_size)
-        else:
-            baseline = {}
-    finally:
-        torch.set_num_threads(threads)
-    ckpt = f"{cfg.train.out_dir}/last.pt" if cfg.train.out_dir else None
-    return chapters.RunResult(model, history, metrics, cfg.target_metric, cfg.target,
-                              time.perf_counter() - t0, asdict(cfg), baseline=baseline,
-                              checkpoint=ckpt, val=val_ds)
+    def build_model(c: ReSTRConfig, num_classes: int) -> ReSTR:
+        model = build(c, num_classes)
+        if c.glove:
+            n = model.language.words.load_glove(model.vocab, _glove_path(c))
+            print(f"GloVe: {n} of {len(model.vocab) - 2} words found")
+        return model
+
+    result = run_chapter("restr", cfg, build_model, loss_fn, metric_fn, (train_ds, val_ds), 1,
+                         collate)
+    model, metrics = result.model, result.metrics
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result
+    if cfg.dataset == "shapes":
+        model.cpu()
+        result.baseline = largest_object_baseline(val_ds)
+    else:
+        # the other splits (testA, testB): the paper reports oIoU on each; the baseline is the
+        # trained model reading other expressions (RefCOCO loaders carry no instances)
+        from .data.refcoco import RefCOCO
+
+        for split in cfg.eval_splits[1:]:
+            ds = _Resized(RefCOCO(dataset=cfg.dataset, split=split), cfg.img_size)
+            m = evaluate(model, ds, cfg.train, loss_fn, metric_fn, collate)
+            metrics.update({f"{split}_{k}": v for k, v in m.items()})
+        result.baseline = {}
+    shuffled = shuffled_sentence_metrics(model, val_ds, cfg.train.batch_size)
+    metrics.update({f"shuffled_{k}": v for k, v in shuffled.items()})
+    if cfg.dataset != "shapes":
+        result.baseline = shuffled
+    return result
 
 
 def load(checkpoint) -> ReSTR:

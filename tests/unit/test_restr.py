@@ -337,12 +337,15 @@ def test_configs_and_scales():
 def test_full_scale_check_lists_every_missing_piece_with_a_command(tmp_path, monkeypatch):
     monkeypatch.setenv("VITSEG_DATA", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     msg = restr.full_scale_check(restr.ReSTRConfig.full())
-    lines = msg.splitlines()
-    assert len(lines) == 4, lines                         # GPU, ViT weights, GloVe, RefCOCO
-    assert all("`" in line for line in lines)
-    assert "CUDA" in lines[0] and "glove.840B.300d" in msg and "refcoco" in lines[-1]
-    assert "vitseg-lab data download refcoco" in lines[-1]
+    head, *lines = msg.splitlines()
+    assert "4 missing pieces" in head, msg                # GPU, ViT weights, GloVe, RefCOCO
+    assert len(lines) == 4 and all(line.startswith("- ") and "`" in line for line in lines)
+    assert "CUDA" in lines[0] and "vit_base_patch16_224.augreg_in21k" in lines[1]
+    assert "glove.840B.300d" in lines[2] and "vitseg-lab data download refcoco" in lines[3]
+    ready = replace(restr.ReSTRConfig.quick())
+    assert restr.full_scale_check(ready).count("\n") == 1     # quick on CPU: only the GPU line
     result = restr.run(restr.ReSTRConfig.full())
     assert result.skipped == msg and result.model is None
 
