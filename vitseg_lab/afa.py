@@ -654,7 +654,9 @@ class AFAConfig:
     eval_scales: tuple[float, ...] = (1.0,)
     eval_flip: bool = False
     crf: bool = False                    # DenseCRF at full-scale evaluation (pydensecrf)
-    target: float = 0.5
+    # The seg head's mIoU on held-out scenes (no image labels at test time). Our quick runs: 0.63
+    # (CAM 0.66, CAM + PAR 0.80); the paper's log has the seg head a little below the CAM too.
+    target: float = 0.55
     target_metric: str = "mIoU"
     num_threads: int | None = 1
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
