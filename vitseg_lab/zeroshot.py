@@ -59,6 +59,7 @@ __all__ = [
     "background_vector",
     "build",
     "evaluate_zsi",
+    "full_data",
     "full_scale_check",
     "harmonic_mean",
     "instance_explorer",
@@ -708,7 +709,10 @@ class ZSIConfig:
     num_threads: int | None = 1
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=125, batch_size=8, lr=4e-3, weight_decay=0.05, warmup_steps=15, schedule="poly",
-        eval_every=0, log_every=10, grad_clip=5.0, progress=False))
+        # One evaluation only: with its two baselines it costs ~8 s of CPU, and the notebook's
+        # minute has no room for an eval curve.
+        eval_every=0, log_every=10, grad_clip=5.0, progress=False,
+        out_dir="runs/zeroshot-quick", resume=False))
 
     @classmethod
     def quick(cls) -> ZSIConfig:
@@ -720,7 +724,8 @@ class ZSIConfig:
         """What nbgrader runs: builds, takes a few steps, evaluates; proves the path only."""
         q = cls.quick()
         return replace(q, num_train=16, num_val=8, target=0.0,
-                       train=replace(q.train, steps=2, batch_size=4, warmup_steps=1))
+                       train=replace(q.train, steps=2, batch_size=4, warmup_steps=1,
+                                     out_dir=None))
 
     @classmethod
     def full(cls, split: str = "48_17") -> ZSIConfig:
@@ -1104,43 +1109,18 @@ def _unseen_ids(model: ZSIModel, loader) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 def full_scale_check(cfg: ZSIConfig | None = None) -> str | None:
-    """Every piece the full-scale run lacks, one line each with the exact command, or None."""
+    """Every piece the full-scale run lacks (a header, then one ``- `` line each with the exact
+    command: GPUs, the timm weights, COCO 2014 with the ZSI files), or None."""
+    from . import fullscale
+
     cfg = cfg or ZSIConfig.full()
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full jupyter "
-                       "lab notebooks/06_zero_shot_head.ipynb`, or `torchrun --nproc_per_node 4 "
-                       "-m vitseg_lab.cli train zeroshot --scale full`")
-    from .backbone import weights_available
+    return fullscale.check("zeroshot", cfg.model_name if cfg.pretrained else None, gpus=4)
 
-    if not weights_available(cfg.model_name):
-        missing.append(f"the timm weights {cfg.model_name!r}: `python -c \"import timm; "
-                       f"timm.create_model('{cfg.model_name}', pretrained=True)\"` with network")
-    from .data.coco_zsi import ANN_FILES, WORD_VECTORS, COCOZeroShot
-    from .data.common import data_root
 
-    base = data_root(None) / "coco"
-    for folder in ("train2014", "val2014"):
-        if not (base / folder).is_dir():
-            missing.append(f"COCO 2014 {folder} images in {base / folder}: "
-                           "`vitseg-lab data download coco2014`")
-    for split in ("48_17", "65_15"):
-        w2v = base / WORD_VECTORS.format(split=split)
-        if not w2v.is_file():
-            missing.append(f"the {split} word vectors {w2v}: `vitseg-lab data download coco-zsi` "
-                           "(the file is data/coco/ of zhengye1995/Zero-shot-Instance-Segmentation)")
-        for subset, (_, pattern) in ANN_FILES.items():
-            p = base / "annotations" / pattern.format(split=split)
-            if not p.is_file():
-                missing.append(f"the {split} {subset} annotations {p}: `vitseg-lab data download "
-                               "coco-zsi` (then the Google Drive step it prints)")
-    if not missing:
-        try:
-            COCOZeroShot(split=cfg.split, subset="train_seen")
-        except (FileNotFoundError, ValueError) as e:
-            missing.append(f"a readable COCO ZSI split ({str(e).rstrip('.')}): "
-                           "`vitseg-lab data verify coco-zsi`")
-    return "\n".join(missing) or None
+def full_data(cfg: ZSIConfig):
+    """``(train, val)`` at full scale: COCO 2014 under ``cfg.split`` (``vitseg-lab eval`` reads a
+    full-scale checkpoint's data through it)."""
+    return _coco_data(cfg)
 
 
 class COCOInstances(torch.utils.data.Dataset):

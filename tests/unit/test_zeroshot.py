@@ -377,8 +377,9 @@ def test_full_scale_check_names_every_missing_piece_with_a_command(monkeypatch, 
     if msg is None:
         pytest.skip("this machine has everything for full scale")
     lines = msg.splitlines()
-    assert len(lines) >= 4 and all("`" in ln for ln in lines)
-    assert any("word vectors" in ln for ln in lines) and any("annotations" in ln for ln in lines)
+    assert len(lines) >= 3 and all("`" in ln for ln in lines[1:])
+    assert any("coco-zsi" in ln for ln in lines) and any("CUDA" in ln or "weights" in ln
+                                                        for ln in lines)
 
 
 def test_run_at_full_scale_without_pieces_is_skipped(monkeypatch, tmp_path):
@@ -386,7 +387,7 @@ def test_run_at_full_scale_without_pieces_is_skipped(monkeypatch, tmp_path):
     res = zeroshot.run(zeroshot.ZSIConfig.full())
     if res.skipped is None:
         pytest.skip("full scale is available here")
-    assert res.model is None and "word vectors" in res.skipped
+    assert res.model is None and "coco-zsi" in res.skipped
 
 
 def test_checkpoint_round_trip(tmp_path):
