@@ -754,7 +754,7 @@ def full_scale_check(cfg: ReSTRConfig | None = None) -> str | None:
     from .fullscale import gpu_line
 
     cfg = cfg or ReSTRConfig.full()
-    lines = [gpu_line("restr", 8)]
+    lines = [gpu_line("restr", 1)]   # the paper: batch 8 in all (batch_size is per GPU)
     if cfg.model_name != "quick" and cfg.pretrained:
         from .backbone import weights_problem
 

@@ -513,9 +513,10 @@ for r in rows:
 # words, λ = 0.1, τ = 0.8, AdamW lr 1e-5, weight decay 5e-4, batch 8, 400k iterations with 40k
 # warm-up, and prints the oIoU per split beside the paper's (val 67.22, testA 69.30, testB 64.45,
 # from a leaderboard mirror — to check against the paper). The depths of the language, fusion and
-# seed encoders are not in our notes; `ReSTRConfig.full()` says what it assumes. Several GPUs:
+# seed encoders are not in our notes; `ReSTRConfig.full()` says what it assumes. Several GPUs
+# (`batch_size` is per GPU: 8 GPUs × 1 image keep the paper's batch of 8):
 #
-#     torchrun --nproc_per_node 8 -m vitseg_lab.cli train restr --scale full
+#     torchrun --nproc_per_node 8 -m vitseg_lab.cli train restr --scale full --train.batch_size 1
 #
 # Without a GPU, the weights, the GloVe file or the data, the cell prints one line per missing
 # piece, with the command that fetches it.
