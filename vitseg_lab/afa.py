@@ -865,7 +865,8 @@ def full_scale_check(cfg: AFAConfig | None = None) -> str | None:
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full jupyter "
                        "lab notebooks/04_afa_affinity.ipynb`, or `torchrun --nproc_per_node 2 -m "
-                       "vitseg_lab.cli train afa --scale full` (then batch_size 2 per GPU).")
+                       "vitseg_lab.cli train afa --scale full --train.batch_size 2` (the "
+                       "paper's 2 GPUs x 2 images).")
     if cfg.model_name != "quick" and cfg.pretrained:
         from .backbone import weights_available
 

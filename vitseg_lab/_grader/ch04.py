@@ -279,7 +279,7 @@ def cases_random_walk(g):
 
     asym = case(1, 3, 2, 4, 1)
     asym["affinity"] = torch.rand(1, 8, 8, generator=g)          # not symmetric: rows ≠ columns
-    return [case(2, 3, 3, 4, 1), dict(case(3, 4, 2, 3, 1, torch.float64), alpha=3.0),
+    return [case(2, 3, 4, 5, 1), dict(case(3, 4, 2, 3, 1, torch.float64), alpha=3.0),
             asym, case(1, 2, 4, 5, 2)]
 
 
@@ -289,9 +289,12 @@ CHECKS = {
     "4.2": Check("afa.pseudo_labels", cases_pseudo_labels, naive_pseudo_labels),
     "4.3": Check("afa.par_kernel", cases_par_kernel, naive_par_kernel),
     "4.4": Check("afa.affinity_labels", cases_affinity_labels, naive_affinity_labels),
-    "4.5": Check("afa.attention_affinity", cases_attention_affinity, naive_attention_affinity),
-    "4.6": Check("afa.affinity_loss", cases_affinity_loss, naive_affinity_loss),
-    "4.7": Check("afa.random_walk", cases_random_walk, naive_random_walk),
+    "4.5": Check("afa.attention_affinity", cases_attention_affinity, naive_attention_affinity,
+                 square=("attn_logits",)),
+    "4.6": Check("afa.affinity_loss", cases_affinity_loss, naive_affinity_loss,
+                 square=("affinity", "aff_label")),
+    "4.7": Check("afa.random_walk", cases_random_walk, naive_random_walk,
+                 square=("affinity", "mask")),
 }
 
 
