@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -1197,9 +1198,13 @@ def run(cfg: ZSIConfig) -> chapters.RunResult:
         torch.manual_seed(cfg.train.seed)
         model = build(cfg, train_ds.num_classes, train_ds.class_vectors(),
                       train_ds.seen_class_ids)
-        history = fit(model, train_ds, cfg.train, loss_fn, metric_fn, val_data=val_ds,
-                      collate_fn=train_ds.collate,
-                      meta=chapters.checkpoint_meta("zeroshot", cfg, train_ds.num_classes))
+        with warnings.catch_warnings():
+            # fit's history.png puts every metric in one legend; ~60 ZSI/GZSI/baseline figures
+            # overflow it and matplotlib warns (cosmetic: the plot is still written)
+            warnings.filterwarnings("ignore", message="constrained_layout not applied")
+            history = fit(model, train_ds, cfg.train, loss_fn, metric_fn, val_data=val_ds,
+                          collate_fn=train_ds.collate,
+                          meta=chapters.checkpoint_meta("zeroshot", cfg, train_ds.num_classes))
     finally:
         torch.set_num_threads(threads)
     model.eval()
