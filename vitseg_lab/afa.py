@@ -19,9 +19,8 @@ background (index 0), so K-1 foreground classes · nh heads · D dilations (8·D
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -661,7 +660,8 @@ class AFAConfig:
     num_threads: int | None = 1
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=120, batch_size=16, lr=2e-3, weight_decay=0.05, warmup_steps=20, schedule="poly",
-        poly_power=1.0, eval_every=0, log_every=20, grad_clip=1.0, progress=False,
+        poly_power=1.0, eval_every=60, log_every=20, grad_clip=1.0, progress=False,
+        out_dir="runs/afa-quick", resume=False,
         head_prefixes=("classifier", "attn_proj", "seg_head")))
 
     @classmethod
@@ -675,7 +675,7 @@ class AFAConfig:
         q = cls.quick()
         return replace(q, num_train=16, num_val=8, cam_iters=1, rw_after=2, target=0.0,
                        train=replace(q.train, steps=3, batch_size=8, warmup_steps=1,
-                                     log_every=1))
+                                     log_every=1, eval_every=0))
 
     @classmethod
     def full(cls) -> AFAConfig:
@@ -858,78 +858,58 @@ def quick_data(cfg: AFAConfig):
     return ShapeScenes(cfg.num_train, seed=0, **kw), ShapeScenes(cfg.num_val, seed=1, **kw)
 
 
+def full_data(cfg: AFAConfig):
+    """PASCAL VOC 2012 train_aug with AFA's augmentation (random rescale 0.5-2.0, flip, a
+    ``cfg.crop`` crop padded with 0, its ``valid`` box), and val at its own sizes."""
+    from .data.transforms import afa_train_transform
+    from .data.voc import VOCAug
+
+    return (VOCAug(split="train_aug", transform=afa_train_transform(crop=cfg.crop)),
+            VOCAug(split="val"))
+
+
 def full_scale_check(cfg: AFAConfig | None = None) -> str | None:
-    """Every piece the full-scale run lacks, one line each with the exact command; or None."""
+    """None, or every piece the full-scale run lacks (GPU, ViT-B/16 weights, VOC; pydensecrf when
+    ``cfg.crf``), one line each with the command that provides it."""
+    from . import fullscale
+
     cfg = cfg or AFAConfig.full()
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full jupyter "
-                       "lab notebooks/04_afa_affinity.ipynb`, or `torchrun --nproc_per_node 2 -m "
-                       "vitseg_lab.cli train afa --scale full --train.batch_size 2` (the "
-                       "paper's 2 GPUs x 2 images).")
-    if cfg.model_name != "quick" and cfg.pretrained:
-        from .backbone import weights_available
-
-        if not weights_available(cfg.model_name):
-            missing.append(f"the timm weights {cfg.model_name!r}: with network run `python -c "
-                           f"\"import timm; timm.create_model('{cfg.model_name}', "
-                           "pretrained=True)\"`.")
-    if cfg.dataset == "voc":
-        from .data.fetch import missing_message
-
-        msg = missing_message("voc")
-        if msg:
-            missing.append(msg)
+    msg = fullscale.check("afa", cfg.model_name if cfg.pretrained else None, gpus=1)
     if cfg.crf:
         try:
             import pydensecrf.densecrf  # noqa: F401
         except ImportError:
-            missing.append("pydensecrf for the CRF number (cfg.crf=True): run `pip install "
-                           "pydensecrf2`, or set crf=False and compare with the paper's 62.6.")
-    return "\n".join(missing) if missing else None
+            line = ("- pydensecrf for the CRF number (cfg.crf=True): run `pip install "
+                    "pydensecrf2`, or set crf=False and compare with the paper's 62.6.")
+            msg = f"{msg}\n{line}" if msg else ("Full scale of chapter 04 (afa) cannot start on "
+                                               f"this machine; 1 missing piece:\n{line}")
+    return msg
 
 
 def run(cfg: AFAConfig) -> chapters.RunResult:
-    """Build data and model, train with ``fit`` from image-level labels only, evaluate every
-    stage. Baseline (same run): the raw multi-scale CAM's mIoU. Full scale without its pieces:
-    a RunResult with ``skipped`` (every missing line), no training."""
-    from .train import fit
+    """Train from image-level labels only (``train.run_chapter``), evaluating every stage.
 
-    t0 = time.perf_counter()
+    Baseline (same run): the plain multi-scale CAM's mIoU at the end of training — what a CAM
+    method without PAR, affinity or seg head gets — under ``cfg.target_metric``; the untrained
+    model's metrics are the first point of the curve. Full scale without its pieces: ``skipped``.
+    """
+    from .train import run_chapter, skipped_run
+
     if cfg.dataset == "voc":
         msg = full_scale_check(cfg)
         if msg:
-            return chapters.RunResult(None, None, {}, cfg.target_metric, cfg.target, 0.0,
-                                      asdict(cfg), skipped=msg)
+            return skipped_run(cfg, msg)
         from .data.common import collate
-        from .data.transforms import afa_train_transform
-        from .data.voc import VOCAug
 
-        train_ds = VOCAug(split="train_aug", transform=afa_train_transform(crop=cfg.crop))
-        val_ds = VOCAug(split="val")
-        num_classes, collate_fn = train_ds.num_classes, collate
+        data, num_classes, collate_fn = full_data(cfg), 21, collate
     elif cfg.dataset == "shapes":
-        train_ds, val_ds = quick_data(cfg)
-        num_classes, collate_fn = train_ds.num_classes, train_ds.collate
+        data = quick_data(cfg)
+        num_classes, collate_fn = data[0].num_classes, data[0].collate
     else:
         raise ValueError(f"dataset={cfg.dataset!r}; use 'shapes' or 'voc'.")
-    torch.manual_seed(cfg.train.seed)
-    model = build(cfg, num_classes)
-    threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        history = fit(model, train_ds, cfg.train, loss_fn, metric_fn, val_data=val_ds,
-                      collate_fn=collate_fn,
-                      meta=chapters.checkpoint_meta("afa", cfg, num_classes))
-    finally:
-        torch.set_num_threads(threads)
-    metrics = dict(history.final)
-    baseline = {cfg.target_metric: metrics.get("cam_mIoU", float("nan"))}
-    ckpt = f"{cfg.train.out_dir}/last.pt" if cfg.train.out_dir else None
-    return chapters.RunResult(model, history, metrics, cfg.target_metric, cfg.target,
-                              time.perf_counter() - t0, asdict(cfg), baseline=baseline,
-                              checkpoint=ckpt, val=val_ds)
+    res = run_chapter("afa", cfg, build, loss_fn, metric_fn, data, num_classes, collate_fn)
+    res.baseline = {**res.baseline, cfg.target_metric: res.metrics.get("cam_mIoU", float("nan"))}
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
