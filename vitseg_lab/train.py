@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import device as best_device
+from . import fastpath
 from .chapters import RunResult, checkpoint_meta
 
 __all__ = ["CheckpointError", "History", "TrainConfig", "evaluate", "fit", "load_checkpoint",
@@ -56,7 +57,7 @@ __all__ = ["CheckpointError", "History", "TrainConfig", "evaluate", "fit", "load
 SCHEDULES = ("cosine", "poly", "constant")
 # Settings a resumed run may change without changing its result (steps extends the schedule).
 _FREE_TO_CHANGE = {"steps", "out_dir", "resume", "progress", "log_every", "eval_every",
-                   "ckpt_every", "num_workers", "device", "compile"}
+                   "ckpt_every", "num_workers", "device", "compile", "fast"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class TrainConfig:
     head_lr_mult: float = 1.0
     head_prefixes: tuple[str, ...] = ("head", "decoder")
     no_decay_norm_bias: bool = True  # no weight decay on norm layers, biases, 1-d params
+    fast: bool = True  # fastpath.plan: fused attention, bf16, fused AdamW, channels-last, loaders
 
     def __post_init__(self):
         checks = [
@@ -357,7 +359,8 @@ def fit(
         seed_everything(cfg.seed + rank)
 
         # -- model, optimizer, schedule ---------------------------------------------------------
-        raw = model.to(device)
+        raw = fastpath.prepare(model, cfg, device)
+        fp = fastpath.plan(cfg, device, model=raw)
         cleanup.callback(raw.train, raw.training)  # leave the model in the mode it came in
         if ddp:
             # static_graph: parameters the forward never touches (a ViT's last norm when the head
@@ -365,9 +368,8 @@ def fit(
             model = nn.parallel.DistributedDataParallel(
                 raw, device_ids=[device.index] if device.type == "cuda" else None,
                 static_graph=True)
-        if cfg.compile:
-            model = torch.compile(model)
-        opt = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.lr, fused=device.type == "cuda")
+        model = fastpath.maybe_compile(model, cfg, device)
+        opt = fastpath.optimizer(param_groups(raw, cfg), cfg, device)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
 
         # -- resume -----------------------------------------------------------------------------
@@ -426,7 +428,7 @@ def fit(
         model.train()
         while step < cfg.steps:
             batch = to_device(next(batches), device)
-            with _autocast(device, cfg):
+            with fastpath.autocast(fp), fastpath.sdpa_context(fp):
                 terms = loss_fn(model, batch)
             loss = _check_loss(terms, step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -523,7 +525,8 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn, metr
     device = device or next(model.parameters()).device
     # Own generator: evaluating never moves the global RNG, so eval_every can't change training.
     loader = _OnDevice(DataLoader(dataset, cfg.batch_size, shuffle=False, collate_fn=collate_fn,
-                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                  **{**fastpath.loader_kwargs(cfg, device),
+                                     "persistent_workers": False},
                                   generator=torch.Generator().manual_seed(cfg.seed)), device)
     was_training = model.training
     model.eval()
@@ -575,8 +578,7 @@ def _batches(data, cfg, start_step, per_epoch, rank, world, collate_fn, device):
     """Batches forever, epoch after epoch."""
     loader = DataLoader(data, batch_sampler=_EpochBatches(data, cfg, start_step, per_epoch, rank,
                                                           world),
-                        collate_fn=collate_fn, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda",
+                        collate_fn=collate_fn, **fastpath.loader_kwargs(cfg, device),
                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
     while True:
         yield from loader
@@ -649,9 +651,7 @@ def _pick_device(name: str, local_rank: int | None) -> torch.device:
 
 
 def _autocast(device: torch.device, cfg: TrainConfig):
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return fastpath.autocast(fastpath.plan(cfg, device))
 
 
 def _get_rng() -> dict:
