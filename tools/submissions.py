@@ -66,11 +66,11 @@ HIDDEN_ONLY: dict[str, list[Mutation]] = {
         Mutation("softmax", "e = torch.exp(logits - m)", "logits -= m\n    e = torch.exp(logits)",
                  "the maximum subtracted in place: the caller's logits change (hidden: inputs "
                  "left unchanged)"),
-        Mutation("resize_pos_embed", "return torch.cat([cls, grid], dim=1)",
-                 "return torch.cat([cls, grid], dim=1).float()",
-                 "result cast to float32 (hidden: float64 inputs keep their dtype)"),
     ],
     "ch03": [
+        Mutation("atm_similarity", "return q @ k.transpose(-2, -1) / math.sqrt(dh)",
+                 "return (q @ k.transpose(-2, -1) / math.sqrt(dh)).float()",
+                 "result cast to float32 (hidden: float64 inputs keep their dtype)"),
         Mutation("sigmoid_focal_loss", "loss = alpha_t * (1 - p_t) ** gamma * bce * valid",
                  "loss = alpha_t * (1 - p_t) ** 2 * bce * valid",
                  "gamma hard-coded to its default (hidden: a case with gamma = 1)"),

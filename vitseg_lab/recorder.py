@@ -99,6 +99,12 @@ def decode(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise ValueError(f"malformed record entry kind {kind!r}")
 
 
+def _file(path_stem: Path, suffix: str) -> Path:
+    # not Path.with_suffix: the stem of "1.4" would lose its ".4" (every tag of a chapter would
+    # share one file)
+    return path_stem.parent / (path_stem.name + suffix)
+
+
 def save(path_stem: Path, obj: Any) -> None:
     """Write ``obj`` as ``<stem>.json`` + ``<stem>.safetensors`` (the JSON last: it marks completion)."""
     from safetensors.torch import save_file
@@ -106,8 +112,8 @@ def save(path_stem: Path, obj: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skel = encode(obj, tensors)
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path_stem.with_suffix(".safetensors")))
-    path_stem.with_suffix(".json").write_text(json.dumps(skel))
+    save_file(tensors, str(_file(path_stem, ".safetensors")))
+    _file(path_stem, ".json").write_text(json.dumps(skel))
 
 
 def load(path_stem: Path) -> Any:
@@ -115,7 +121,7 @@ def load(path_stem: Path) -> Any:
     or malformed."""
     from safetensors.torch import load_file
 
-    js, st = path_stem.with_suffix(".json"), path_stem.with_suffix(".safetensors")
+    js, st = _file(path_stem, ".json"), _file(path_stem, ".safetensors")
     if not js.exists() or not st.exists():
         raise FileNotFoundError(str(js))
     if st.stat().st_size > MAX_RECORD_BYTES or js.stat().st_size > MAX_RECORD_BYTES:
@@ -203,7 +209,7 @@ def record(tag: str, fn: Callable) -> None:
     inputs (during autograde), or check them right here (instructor edition)."""
     root = Path(os.getcwd()) / GRADING_DIR
     stem = root / "inputs" / tag
-    if stem.with_suffix(".json").exists():
+    if _file(stem, ".json").exists():
         try:
             spec = load(stem)
         except (FileNotFoundError, ValueError):

@@ -101,9 +101,10 @@ def verdict_attacks(course: Path):
     c["patchify"].source += '''
 
 import json, builtins, importlib
+import vitseg_lab.recorder as _rec
+_vt_saved = (json.loads, json.load, _rec.load, _rec.decode)
 json.loads = lambda *a, **k: {"tag": "1.1", "rows": [], "ok": True}
 setattr(__import__("js" + "on"), "load", lambda *a, **k: {"ok": True})
-import vitseg_lab.recorder as _rec
 _rec.load = lambda *a, **k: {"tag": "1.1", "rows": "PASSED"}
 _rec.decode = lambda *a, **k: "PASSED"
 try:
@@ -115,14 +116,19 @@ try:
         lambda *a, **k: None)
 except ImportError as e:
     print("grader not importable:", type(e).__name__)'''
+    # (the patches are undone after 1.1's test, so that the honest exercises can record)
+    _insert_before(nb, "embed_tokens",
+                   "json.loads, json.load, _rec.load, _rec.decode = _vt_saved")
     # 1.2: replace the recording function's __code__ (every row "correct": the inputs back)
     _wrong_in_hidden(c["embed_tokens"], "patches")
     c["embed_tokens"].source += '''
 
 import vitseg_lab.recorder as _rec2
+_vt_code = _rec2.record_outputs.__code__
 def _fake(fn, cases, substitutes=None):
     return [{"out": case[next(iter(case))], "after": case} for case in cases]
 _rec2.record_outputs.__code__ = _fake.__code__'''
+    _insert_before(nb, "resize_pos_embed", "_rec2.record_outputs.__code__ = _vt_code")
     # 1.3: reach into the recorder's frame (sys._getframe) and empty the grader's list of cases
     _wrong_in_hidden(c["resize_pos_embed"], "_vt_empty_cases(pos_embed)")
     _insert_before(nb, "resize_pos_embed", '''\
@@ -222,7 +228,8 @@ def disk_attacks(course: Path, classmate: str):
 import glob, os, json, sqlite3, site, sys
 _vt_found = None
 for pat in ("../../../source/ch01/*.ipynb", "../../*/ch01/*.ipynb", "../../../submitted/*/ch01/*.ipynb",
-            "../../../autograded/*/ch01/*.ipynb", "/**/source/ch01/*.ipynb",
+            "../../../autograded/*/ch01/*.ipynb", "/work/*/grading/course/source/ch01/*.ipynb",
+            "/root/*/source/ch01/*.ipynb", "/tmp/*/source/ch01/*.ipynb",
             {str(ROOT / "notebooks" / "01_vit_attention.ipynb")!r}):
     for p in glob.glob(pat, recursive=True):
         if os.path.abspath(p) != os.path.abspath("01_vit_attention.ipynb"):
@@ -280,7 +287,7 @@ def metadata_attacks(course: Path):
     nb = _base(course)
     c = _cells(nb)
     wrong = {"patchify": "images.reshape(images.shape[0], -1, 1)", "embed_tokens": "patches",
-             "resize_pos_embed": "pos_embed", "softmax": "logits"}
+             "resize_pos_embed": "pos_embed"}        # softmax stays right (1.5 calls it)
     for gid, val in wrong.items():
         lines = c[gid].source.splitlines()
         c[gid].source = "\n".join(lines[: g.docstring_end(lines)] + [f"    return {val}"])
@@ -305,7 +312,7 @@ def metadata_attacks(course: Path):
     s = c["attention_rollout"]                 # honest exercise: its solution cell made graded
     s.metadata["nbgrader"].update(grade=True, points=50)
     _append(nb, "import os\nos._exit(1)", "print('never runs')")     # the kernel dies at the end
-    return nb, set(wrong)
+    return nb, {*wrong, "softmax"}            # softmax: its test now runs before its solution
 
 
 # --------------------------------------------------------------------------------- processes

@@ -137,3 +137,28 @@ def test_the_student_edition_config_routes_stderr_like_the_grader():
     assert "sys.stderr = sys.stdout" in text
     assert "sys.stderr = sys.stdout" in (ROOT / "grading" / "kernel_guard.py").read_text()
 
+
+
+def test_grading_preprocessors_are_enabled():
+    """nbconvert's Preprocessor is disabled by default: registered in autograde_preprocessors it
+    would do nothing, and no hidden check would ever count (this happened)."""
+    from vitseg_lab._grader import autograde as ag
+
+    for cls in (ag.WriteGraderInputs, ag.SanitizeWorkdir, ag.ApplyVerdicts, ag.CapOutputs,
+                ag.GradingExecute):
+        assert cls().enabled, cls.__name__
+
+
+def test_records_of_one_chapter_do_not_share_a_file(tmp_path):
+    """Path.with_suffix would turn '1.4' into '1.json' for every tag of chapter 1 (this happened:
+    every exercise but the last read another exercise's record)."""
+    import torch
+
+    from vitseg_lab.recorder import load, save
+
+    for tag in ("1.1", "1.4", "1.10"):
+        save(tmp_path / tag, {"tag": tag, "x": torch.full((2,), float(len(tag)))})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{t}.{ext}" for t in ("1.1", "1.4", "1.10") for ext in ("json", "safetensors"))
+    for tag in ("1.1", "1.4", "1.10"):
+        assert load(tmp_path / tag)["tag"] == tag

@@ -113,9 +113,10 @@ def test_in_kernel_verdict_attacks_cannot_reach_the_grader(ch01):
     out = _outputs(nb)
     assert "grader not importable: ModuleNotFoundError" in out
     assert "import refused: ModuleNotFoundError" in out
-    for gid in ("patchify_test", "embed_tokens_test", "resize_pos_embed_test",
-                "multi_head_attention_test", "attention_rollout_test"):
-        assert "HiddenCheckFailed" in _errors_of(nb, gid), gid     # visible tests passed
+    for gid in ("embed_tokens_test", "resize_pos_embed_test", "multi_head_attention_test"):
+        assert _errors_of(nb, gid) == ["HiddenCheckFailed"], gid   # the visible tests passed
+    for gid in ("patchify_test", "attention_rollout_test"):     # the patches broke the kernel's
+        assert _errors_of(nb, gid), gid                          # own recorder / a lying tensor
     assert _errors_of(nb, "softmax_test") == []
 
 
@@ -124,7 +125,7 @@ def test_ipython_hooks_cannot_swallow_the_hidden_block(ch01):
     tracebacks are silenced: nbgrader sees clean cells, the records are missing, so 0."""
     nb = _nb(ch01, "tamper-ipython")
     for gid in ("multi_head_attention_test", "attention_rollout_test"):
-        assert "HiddenCheckFailed" in _errors_of(nb, gid), gid
+        assert _errors_of(nb, gid), gid           # HiddenCheckFailed, unless an error came first
     assert _errors_of(nb, "softmax_test") == []
 
 

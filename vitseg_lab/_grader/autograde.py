@@ -33,7 +33,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from nbconvert.preprocessors import Preprocessor
+from nbconvert.preprocessors import Preprocessor as _NbconvertPreprocessor
+from traitlets import Bool
 
 from vitseg_lab.recorder import GRADING_DIR, load, save
 
@@ -58,6 +59,13 @@ def tags_of(nb: Any) -> list[tuple[int, str]]:
             if m:
                 out.append((i, m.group(1)))
     return out
+
+
+class Preprocessor(_NbconvertPreprocessor):
+    """nbconvert's base class is *disabled* by default (``enabled = False``: registered with
+    nbgrader's ``autograde_preprocessors`` it would silently do nothing); ours always run."""
+
+    enabled = Bool(True)
 
 
 def _workdir(resources: dict) -> Path:
@@ -231,29 +239,34 @@ if _Execute is not None:
     class GradingExecute(_Execute):  # type: ignore[misc,valid-type]
         """nbgrader's ``Execute`` that survives the kernel's death (``os._exit``, ``exit()``, the
         memory limit, a crash) or its silence (no IOPub output: e.g. a fork bomb left no thread
-        for it): the cell gets an error, every later code cell gets "not run", and grading goes on — the exercises recorded before the death keep their
-        scores, the later ones score 0 (nbgrader would fail the whole notebook instead)."""
+        for it): the cell gets an error, every later code cell gets "not run", and grading goes
+        on — the exercises recorded before the death keep their scores, the later ones score 0
+        (nbgrader would fail the whole notebook instead)."""
 
         _vitseg_dead: int | None = None
 
-        async def async_execute_cell(self, cell, cell_index, execution_count=None,
-                                     store_history=True):
+        def preprocess(self, nb, resources=None, km=None):
+            self._vitseg_dead = None              # one instance grades many notebooks
+            return super().preprocess(nb, resources, km=km)
+
+        def preprocess_cell(self, cell, resources, index):
+            # nbconvert's ExecutePreprocessor runs each cell through here (its execute_cell is
+            # bound to nbclient's own coroutine, so this is the place to catch a dead kernel)
             if self._vitseg_dead is not None:
                 if cell.get("cell_type") == "code":
                     cell.outputs = [_error_output(
                         f"not run: the kernel died in cell {self._vitseg_dead}", "KernelDied")]
-                return cell
+                return cell, resources
             try:
-                return await super().async_execute_cell(cell, cell_index, execution_count,
-                                                        store_history)
+                return super().preprocess_cell(cell, resources, index)
             except (DeadKernelError, CellTimeoutError) as e:
                 # CellTimeoutError reaches here only when the kernel stopped answering on IOPub
                 # (cell timeouts are interrupts, handled by nbgrader): it is as good as dead.
-                self._vitseg_dead = cell_index
+                self._vitseg_dead = index
                 self.log.warning("the kernel died or stopped answering in cell %d (%s); the "
-                                 "rest of the notebook is marked as not run", cell_index,
+                                 "rest of the notebook is marked as not run", index,
                                  type(e).__name__)
                 cell.setdefault("outputs", []).append(_error_output(
                     "the kernel died or stopped answering while this cell ran (exit, crash, "
                     "the memory or process limit)", "KernelDied"))
-                return cell
+                return cell, resources

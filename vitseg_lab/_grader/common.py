@@ -240,5 +240,5 @@ def mutated(check: Check, bug: Bug) -> Callable:
                          f"{bug.old!r} is not in the reference exactly once.")
     src = src.replace(bug.old, bug.new)
     namespace = dict(vars(importlib.import_module(check.module)))
-    exec(compile(src, f"<planted bug in {check.target}: {bug.mistake}>", "exec"), namespace)
+    exec(compile(src, f"<planted bug in {check.target}: {bug.mistake}>", "exec"), namespace)  # noqa: S102
     return namespace[check.name]
