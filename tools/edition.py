@@ -247,7 +247,8 @@ def secret_lines(library: Path, notebooks: list[Path]) -> dict[str, set[str]]:
                 if len(s) >= 12 and not s.startswith(("#", '"""', "'''")) and re.search(r"\w", s)}
 
     # A learner's own code may coincide with a grader line ("d = C // num_heads"): only lines that
-    # are not in any reference solution count as the grader's.
+    # are not in any reference solution count as the grader's, and imports are no secret.
+    grd = {s for s in grd if not s.startswith(("import ", "from "))}
     return {"solution": keep(sol), "hidden": keep(hid - sol), "grader": keep(grd - sol - hid)}
 
 

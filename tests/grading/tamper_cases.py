@@ -103,7 +103,7 @@ def verdict_attacks(course: Path):
 import json, builtins, importlib
 import vitseg_lab.recorder as _rec
 _vt_saved = (json.loads, json.load, _rec.load, _rec.decode)
-json.loads = lambda *a, **k: {"tag": "1.1", "rows": [], "ok": True}
+# (json.loads itself is left alone: the kernel's own messaging needs it)
 setattr(__import__("js" + "on"), "load", lambda *a, **k: {"ok": True})
 _rec.load = lambda *a, **k: {"tag": "1.1", "rows": "PASSED"}
 _rec.decode = lambda *a, **k: "PASSED"

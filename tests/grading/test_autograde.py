@@ -131,8 +131,8 @@ def test_undone_exercise_cannot_fall_back_on_the_installed_reference(tamper):
     nb = _autograded(graded, TAMPER, "ch01")
     out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     (lib,) = re.findall(r"LIBRARY (\S+)", out)
-    assert Path(lib).resolve().parent == (graded.root / "autograded" / TAMPER / "ch01" /
-                                          "vitseg_lab").resolve()
+    # the kernel's own assignment copy (in a worker course when graded in parallel)
+    assert Path(lib).parent.as_posix().endswith(f"autograded/{TAMPER}/ch01/vitseg_lab"), lib
 
 
 def test_monkeypatching_torch_and_numpy_does_not_buy_points_and_is_flagged(tamper):
@@ -165,7 +165,9 @@ def test_duplicated_graded_cell_is_graded_once_with_a_clear_message(tamper):
     assert "Note from the grader" in html
     assert "multi_head_attention_test" in html and "appears 2 times" in html
     assert "Validate" in html
-    log = (graded.root / "reports" / "ch01" / "autograde.log").read_text()
+    logs = graded.root / "reports" / "ch01"
+    log = ((logs / "logs" / f"{TAMPER}.log") if (logs / "logs" / f"{TAMPER}.log").exists()
+           else logs / "autograde.log").read_text()
     assert "old version" not in log and "exists multiple times" not in log
 
 
