@@ -1,7 +1,8 @@
-"""Instructor-only hidden checks for the autograder. Never shipped in the student edition.
+"""Instructor-only hidden checks for the autograder. Never shipped in the student edition, and
+absent from every grading kernel's folder.
 
-Each ``chNN.py`` holds ``check_<exercise>(fn)`` functions: they run the learner's function on grader
-inputs (other shapes, dtypes, edge cases) and compare with an independent naive formulation. The
-comparison runs in a fresh Python process (``common.compare_in_subprocess``) so that a learner who
-monkeypatches torch, numpy or builtins in the kernel cannot change the verdict.
+Each ``chNN.py`` holds a chapter's naive formulations, hidden-case builders, ``CHECKS``, ``BUGS``
+and ``DEMO`` (``common.py`` says how). During autograde the kernel only records the learner's
+outputs (``vitseg_lab.recorder``); ``autograde.py`` computes the verdicts in nbgrader's own process
+after the kernel is gone.
 """
