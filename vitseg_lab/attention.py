@@ -421,7 +421,9 @@ def metric_fn(model: nn.Module, loader) -> dict[str, float]:
         scores.append(image_scores(out).float().cpu())
         cls_scores.append(out.logits.float().cpu())
         targets.append(batch["labels"].cpu() > 0.5)
-    s, c, y = torch.cat(scores), torch.cat(cls_scores), torch.cat(targets)
+    from .metrics import gather_over_ranks  # under DDP: every rank's images, in data-set order
+
+    s, c, y = (gather_over_ranks(torch.cat(x)) for x in (scores, cls_scores, targets))
     pred = s > 0
     return {"mAP": average_precision(s, y).nanmean().item(),
             "exact_match": (pred == y).all(dim=1).float().mean().item(),

@@ -11,12 +11,17 @@ Shapes: K classes; pred and target share any shape (B, H, W), (H, W)... of integ
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["SegMeter", "confusion_matrix", "miou", "pixel_accuracy"]
+__all__ = ["SegMeter", "confusion_matrix", "eval_world", "gather_over_ranks", "miou",
+           "pixel_accuracy", "shard", "sharded_eval", "sum_over_ranks"]
 
 
 def confusion_matrix(
@@ -130,6 +135,131 @@ class SegMeter:
         self.conf += conf.cpu()
 
     def compute(self) -> dict:
-        """-> {"mIoU": float, "pixel_acc": float, "iou": list of K floats (NaN = class absent)}."""
-        mean, per_class = miou(self.conf)
-        return {"mIoU": mean, "pixel_acc": pixel_accuracy(self.conf), "iou": per_class.tolist()}
+        """-> {"mIoU": float, "pixel_acc": float, "iou": list of K floats (NaN = class absent)}.
+
+        Inside ``sharded_eval`` (fit's evaluation under DDP) the confusion matrix is first summed
+        over the processes (``self.conf`` itself stays this process's), so every rank reports the
+        whole eval set exactly."""
+        conf = sum_over_ranks(self.conf)
+        mean, per_class = miou(conf)
+        return {"mIoU": mean, "pixel_acc": pixel_accuracy(conf), "iou": per_class.tolist()}
+
+
+# -- evaluation spread over the processes of a multi-GPU run ----------------------------------------
+#
+# Under DDP, ``train.evaluate`` (and so ``fit``) gives each process its own shard of the eval set
+# (``shard``: items rank, rank + world, ...) and runs the chapter's ``metric_fn`` inside
+# ``sharded_eval()``. There, every chapter's metric reduces its *sufficient statistics* across the
+# processes before it computes anything, so each rank reports the metric of the whole set:
+#
+# - ``SegMeter.compute()`` sums the confusion matrices (integers: exact);
+# - ``sum_over_ranks(x)`` sums counts (top-1 hits, found / total);
+# - ``gather_over_ranks(items)`` brings every process's per-item results (scores for mAP, masks
+#   for oIoU / prec@X, detection records for COCO AP) back into the data set's order, so an
+#   order-dependent metric (ties in a ranking, a seeded random baseline) sees what one process
+#   sees.
+#
+# Outside ``sharded_eval`` (one process, or a metric_fn called on the whole set) all three are
+# no-ops, so a metric_fn written with them runs unchanged in a notebook.
+
+_SHARDED: list[tuple[int, int]] = []  # stack of (rank, world) while sharded_eval is active
+
+
+@contextlib.contextmanager
+def sharded_eval(rank: int, world: int):
+    """Mark the block as this process's part of an evaluation split by ``shard(rank, world)``:
+    ``SegMeter.compute``, ``sum_over_ranks`` and ``gather_over_ranks`` reduce across the
+    ``world`` processes of the default ``torch.distributed`` group inside it."""
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("sharded_eval(world > 1) needs an initialised torch.distributed group.")
+    _SHARDED.append((rank, world))
+    try:
+        yield
+    finally:
+        _SHARDED.pop()
+
+
+def eval_world() -> tuple[int, int]:
+    """``(rank, world)`` of the sharded evaluation in progress; ``(0, 1)`` outside one."""
+    return _SHARDED[-1] if _SHARDED else (0, 1)
+
+
+class _Shard(Dataset):
+    """Items ``rank, rank + world, ...`` of ``dataset``; other attributes (``collate``,
+    ``num_classes``, ``unseen_class_ids``...) are the data set's."""
+
+    def __init__(self, dataset: Any, rank: int, world: int):
+        self.dataset, self.indices = dataset, range(rank, len(dataset), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "indices"):  # unpickling: no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def shard(dataset: Any, rank: int | None = None, world: int | None = None) -> Dataset:
+    """This process's share of ``dataset`` for evaluation: items rank, rank + world, ... (no
+    padding, unlike ``DistributedSampler``, so no image is counted twice; ranks may hold one item
+    more than others). Rank and world default to the ``torch.distributed`` group's."""
+    r, w = (dist.get_rank(), dist.get_world_size()) if (
+        dist.is_available() and dist.is_initialized()) else (0, 1)
+    return _Shard(dataset, r if rank is None else rank, w if world is None else world)
+
+
+def _comm_device() -> torch.device:
+    # gloo reduces CPU tensors, NCCL CUDA ones
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(x: Any) -> Any:
+    """Inside ``sharded_eval``: ``x`` summed over the processes (a tensor, an int or float, or a
+    tuple / list of them; a new object, ``x`` is not changed). Outside: ``x``. Exact for integer
+    counts; float sums may differ from one process's in the last bits."""
+    if eval_world()[1] == 1:
+        return x
+    if isinstance(x, (tuple, list)):
+        return type(x)(sum_over_ranks(v) for v in x)
+    if isinstance(x, Tensor):
+        t = x.detach().to(_comm_device(), copy=True)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.to(x.device)
+    if isinstance(x, (int, float)):
+        dtype = torch.int64 if isinstance(x, int) else torch.float64
+        return type(x)(sum_over_ranks(torch.tensor(x, dtype=dtype)).item())
+    raise TypeError(f"sum_over_ranks sums tensors and numbers, not {type(x).__name__}.")
+
+
+def gather_over_ranks(items: Any) -> Any:
+    """Inside ``sharded_eval``: every process's ``items`` (a tensor (N_rank, ...) or a list of
+    N_rank entries, one per item of its shard, in shard order) -> the whole eval set's, in the
+    data set's order (a tensor on ``items``' device, or a list). Outside: ``items``."""
+    world = eval_world()[1]
+    if world == 1:
+        return items
+    if not isinstance(items, (Tensor, list)):
+        raise TypeError(f"gather_over_ranks takes a tensor or a list, not {type(items).__name__}.")
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, items.detach().cpu() if isinstance(items, Tensor) else items)
+    n = sum(len(p) for p in parts)
+    for r, p in enumerate(parts):
+        if len(p) != len(range(r, n, world)):
+            raise ValueError(
+                f"gather_over_ranks: rank {r} sent {len(p)} entries for its {len(range(r, n, world))}"
+                " items; pass one entry per item of the process's shard.")
+    if isinstance(items, Tensor):
+        # item i of the data set is entry i // world of rank i % world
+        flat = torch.cat(parts)
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + len(p))
+        order = torch.tensor([offsets[i % world] + i // world for i in range(n)], dtype=torch.long)
+        return flat[order].to(items.device)
+    return [parts[i % world][i // world] for i in range(n)]

@@ -708,7 +708,9 @@ def metrics_by_kind(logits: Tensor, target: Tensor, texts: Sequence[str]) -> dic
 @torch.no_grad()
 def metric_fn(model: nn.Module, loader) -> dict[str, float]:
     """``fit``'s metric: oIoU, mIoU, prec@X overall and per expression kind (ShapeScenes)."""
-    p = collect_predictions(model, loader)
+    from .metrics import gather_over_ranks  # under DDP: every rank's expressions, in order
+
+    p = {k: gather_over_ranks(v) for k, v in collect_predictions(model, loader).items()}
     return metrics_by_kind(p["logits"], p["target"], p["expression"])
 
 

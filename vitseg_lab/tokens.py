@@ -595,7 +595,7 @@ def loss_fn(model: nn.Module, batch: dict) -> dict[str, Tensor]:
 def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
     """mIoU and pixel accuracy (ShapeScenes, one confusion matrix over the loader), or top-1 and
     top-5 accuracy (ImageNet)."""
-    from .metrics import SegMeter
+    from .metrics import SegMeter, sum_over_ranks
 
     if model.cfg.dataset == "shapes":
         meter = SegMeter(model.num_classes)
@@ -611,6 +611,7 @@ def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
         top1 += int(hit[:, 0].sum())
         top5 += int(hit.any(dim=1).sum())
         n += len(pred)
+    top1, top5, n = sum_over_ranks((top1, top5, n))  # under DDP: every rank's images
     return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
 
 

@@ -12,9 +12,13 @@ It reads top to bottom like nanoGPT's train.py: config, LR schedule, parameter g
   loader (``val_loss``..., or ``train_loss``...). Scalars go into ``history.rows``, the whole
   dict (per-class lists too) into ``history.final``.
 - DDP when launched by ``torchrun`` with more than one process: ``cfg.batch_size`` is per process,
-  each rank reads its own shard of every epoch. Evaluation runs on rank 0 only (the other ranks
-  wait at the next collective, ``history.final`` is only filled on rank 0), and only rank 0
-  writes ``last.pt``, ``metrics.csv`` and ``history.png``.
+  each rank reads its own shard of every epoch. Evaluation runs on every rank, each over its
+  shard of the eval set (``metrics.shard``), inside ``metrics.sharded_eval``: the chapters'
+  metrics reduce their sufficient statistics there (``SegMeter`` its confusion matrix,
+  ``metrics.sum_over_ranks`` counts, ``metrics.gather_over_ranks`` per-item results in data-set
+  order), so every rank's ``history`` holds the whole eval set's metrics, the same as one
+  process would report. Only rank 0 writes ``last.pt``, ``metrics.csv`` and ``history.png`` and
+  calls ``on_eval``.
 - Resume: ``out_dir/last.pt`` holds model, optimizer, scheduler, step, every RNG state and the data
   position. Each epoch's order comes from ``(seed, epoch)`` and a resumed run skips the batches
   already consumed, so it ends with exactly the weights of an uninterrupted run on the same
@@ -47,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import device as best_device
-from . import fastpath
+from . import fastpath, metrics
 from .chapters import RunResult, checkpoint_meta
 
 __all__ = ["CheckpointError", "History", "TrainConfig", "evaluate", "fit", "load_checkpoint",
@@ -92,7 +96,7 @@ class TrainConfig:
     progress: bool = True
     head_lr_mult: float = 1.0
     head_prefixes: tuple[str, ...] = ("head", "decoder")
-    no_decay_norm_bias: bool = True  # no weight decay on norm layers, biases, 1-d params
+    no_decay_norm_bias: bool | str = True  # no decay on norm layers, biases, 1-d; "norm": norms only
     fast: bool = True  # fastpath.plan: fused attention, bf16, fused AdamW, channels-last, loaders
 
     def __post_init__(self):
@@ -152,7 +156,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         head = name.startswith(cfg.head_prefixes)
-        no_decay = cfg.no_decay_norm_bias and (
+        only_norm = cfg.no_decay_norm_bias == "norm"  # the official SegViT: norm layers only
+        no_decay = name in norm_names if only_norm else cfg.no_decay_norm_bias and (
             p.ndim <= 1 or name.endswith(".bias") or name in norm_names or name in skip)
         key = ("head_" if head else "") + ("no_decay" if no_decay else "decay")
         group = groups.setdefault(key, {
@@ -352,7 +357,8 @@ def fit(
         if ddp and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            # Long timeout: the other ranks wait while rank 0 evaluates.
+            # Long timeout: a slow evaluation (COCO AP over a gathered split) or a checkpoint
+            # write keeps the other ranks waiting at the next collective.
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(minutes=60))
             cleanup.callback(dist.destroy_process_group)
@@ -452,19 +458,20 @@ def fit(
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}")
 
-            if ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps) and rank == 0:
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                # every rank evaluates its shard; the metrics come back reduced over all ranks
                 prefix = "val_" if val_data is not None else "train_"
-                metrics = evaluate(raw, val_data if val_data is not None else data, cfg, loss_fn,
-                                   metric_fn, collate_fn, device, prefix)
-                history.final = metrics
-                history.append({"step": step, **{k: float(v) for k, v in metrics.items()
+                result = evaluate(raw, val_data if val_data is not None else data, cfg, loss_fn,
+                                  metric_fn, collate_fn, device, prefix)
+                history.final = result
+                history.append({"step": step, **{k: float(v) for k, v in result.items()
                                                  if isinstance(v, (int, float))}})
                 if not bar.disable:
                     bar.write(f"step {step}: " + ", ".join(
                         f"{k} {v:.4g}" for k, v in history.rows[-1].items() if k != "step"))
-                if on_eval is not None:
+                if on_eval is not None and rank == 0:
                     on_eval(history)
-                if out:
+                if out and rank == 0:
                     _save_plot(history, out / "history.png")
 
             if out and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
@@ -519,10 +526,23 @@ def skipped_run(cfg: Any, message: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn, metric_fn=None,
-             collate_fn=None, device=None, prefix: str = "val_") -> dict:
+             collate_fn=None, device=None, prefix: str = "val_", *, sharded: bool = True) -> dict:
     """``metric_fn(model, loader)`` in eval mode, or the mean loss terms (``val_loss``...) without
-    one; the train/eval mode is restored afterwards."""
+    one; the train/eval mode is restored afterwards.
+
+    Under ``torch.distributed`` (``fit`` under DDP) with ``sharded``, each process evaluates its
+    shard (``metrics.shard``) inside ``metrics.sharded_eval``, where the chapter's metric reduces
+    across processes: every rank returns the whole data set's metrics. A ``metric_fn`` that
+    does not reduce through ``metrics`` (``SegMeter``, ``sum_over_ranks``,
+    ``gather_over_ranks``) would report its shard only: pass ``sharded=False`` for it. A data set
+    smaller than the process count is evaluated whole on every rank."""
     device = device or next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if (
+        sharded and dist.is_available() and dist.is_initialized()) else (0, 1)
+    if world > 1 and len(dataset) >= world:
+        dataset = metrics.shard(dataset, rank, world)
+    else:
+        rank, world = 0, 1
     # Own generator: evaluating never moves the global RNG, so eval_every can't change training.
     loader = _OnDevice(DataLoader(dataset, cfg.batch_size, shuffle=False, collate_fn=collate_fn,
                                   **{**fastpath.loader_kwargs(cfg, device),
@@ -531,9 +551,9 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn, metr
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device, cfg):
+        with _autocast(device, cfg), metrics.sharded_eval(rank, world):
             if metric_fn is not None:
-                metrics = metric_fn(model, loader)
+                result = metric_fn(model, loader)
             else:
                 sums, n = {}, 0
                 for batch in loader:
@@ -541,13 +561,18 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn, metr
                         if _is_scalar(v):
                             sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v)
                     n += 1
-                metrics = {k: v / n for k, v in sums.items()}
+                if world > 1:  # batch means summed over every rank's batches
+                    parts: list[Any] = [None] * world
+                    dist.all_gather_object(parts, (sums, n))
+                    sums = {k: sum(p[0][k] for p in parts) for k in parts[0][0]}
+                    n = sum(p[1] for p in parts)
+                result = {k: v / n for k, v in sums.items()}
     finally:
         model.train(was_training)
-    if not isinstance(metrics, dict):
+    if not isinstance(result, dict):
         raise TypeError(f"metric_fn must return a dict like {{'mIoU': 0.5}}, not "
-                        f"{type(metrics).__name__}.")
-    return {k: _plain(v) for k, v in metrics.items()}
+                        f"{type(result).__name__}.")
+    return {k: _plain(v) for k, v in result.items()}
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -968,7 +968,9 @@ def _detect(model: ZSIModel, loader, mode: str, unseen_ids: Sequence[int]) -> li
                                                      out["boxes"].tolist(), out["masks"])]
             records.append({"gt": gt, "dt": dt, "dt_labels": out["labels"].cpu(),
                             "size": tuple(masks.shape[-2:])})
-    return records
+    from .metrics import gather_over_ranks  # under DDP: every rank's images, in data-set order
+
+    return gather_over_ranks(records)
 
 
 def _coco_lists(records: list[dict], keep_classes: set[int],
@@ -1084,6 +1086,9 @@ def naming_accuracy(model: ZSIModel, loader, unseen_ids: Sequence[int]) -> float
             pred = torch.tensor(unseen)[s.argmax(1).cpu()]
             right += int((pred == labels[keep].cpu()).sum())
             total += int(keep.sum())
+    from .metrics import sum_over_ranks  # under DDP: every rank's instances
+
+    right, total = sum_over_ranks((right, total))
     return right / max(total, 1)
 
 
