@@ -13,8 +13,9 @@ notebook kernel never touches CUDA: it only pickles the task and reads files.
   resumes exactly from ``out_dir/last.pt`` (model, optimizer, RNG states, data position). A job
   that died otherwise (node failure, ``scancel``) is resubmitted with ``run.resubmit()``; the
   result is the same weights as an uninterrupted run (``tests/unit/test_cluster.py``).
-- **Metrics across ranks**: ``shard``, ``all_reduce_sum``, ``reduce_meter`` and ``gather_cat``
-  let a chapter's ``metric_fn`` evaluate a shard per process and report the whole data set.
+- **Metrics across ranks**: under DDP, ``fit()`` evaluates on every process over its ``shard``
+  of the eval set, and the chapters' metrics reduce across processes exactly
+  (``vitseg_lab.metrics``: ``sharded_eval``, ``sum_over_ranks``, ``gather_over_ranks``).
 
     from vitseg_lab import cluster
     run = cluster.launch("segvit", gpus=8, timeout_min=24 * 60, partition="gpu")
@@ -36,13 +37,11 @@ from typing import Any
 
 import submitit
 import torch
-import torch.distributed as dist
-from torch import Tensor
 
-from . import chapters
+from . import chapters, metrics
 
-__all__ = ["ClusterRun", "TrainTask", "all_reduce_sum", "configure", "gather_cat", "launch",
-           "progress_line", "read_metrics", "reduce_meter", "render", "shard"]
+__all__ = ["ClusterRun", "TrainTask", "configure", "launch", "progress_line", "read_metrics",
+           "render", "shard"]
 
 _DONE_STATES = {"COMPLETED", "FINISHED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
                 "NODE_FAIL", "PREEMPTED", "INTERRUPTED", "BOOT_FAIL", "DEADLINE"}
@@ -323,53 +322,7 @@ def render_html(path: str | os.PathLike, text: str) -> str:
 
 # -- metrics across ranks ----------------------------------------------------------------------------
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard(dataset: Any, rank: int | None = None, world: int | None = None):
-    """This process's share of ``dataset`` for evaluation: items rank, rank + world, ... (no
-    padding, unlike ``DistributedSampler``, so no image is counted twice). Keeps ``collate``
-    and ``num_classes`` when the data set has them."""
-    r, w = _world()
-    rank, world = (r if rank is None else rank), (w if world is None else world)
-    sub = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    for attr in ("collate", "num_classes"):
-        if hasattr(dataset, attr):
-            setattr(sub, attr, getattr(dataset, attr))
-    return sub
-
-
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum ``t`` over all processes, in place (no-op in one process). -> ``t``."""
-    if _world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def reduce_meter(meter: Any) -> Any:
-    """All-reduce a ``metrics.SegMeter``'s confusion matrix so ``compute()`` reports every
-    process's pixels. The one line a chapter's ``metric_fn`` needs: ``m =
-    cluster.reduce_meter(meter).compute()``. Exact (integer counts). -> ``meter``."""
-    if _world()[1] > 1:
-        conf = meter.conf
-        # gloo reduces CPU tensors, NCCL CUDA ones: send it where the process group lives
-        dev = torch.device("cuda", torch.cuda.current_device()) if (
-            dist.get_backend() == "nccl") else torch.device("cpu")
-        t = conf.to(dev)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        meter.conf = t.to(conf.device)
-    return meter
-
-
-def gather_cat(t: Tensor) -> Tensor:
-    """Concatenate every process's ``t`` (N_rank, ...) along dim 0, in rank order; sizes may
-    differ between ranks (per-image scores for mAP). No-op in one process."""
-    world = _world()[1]
-    if world == 1:
-        return t
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, t.detach().cpu())
-    return torch.cat(parts).to(t.device)
+# fit() evaluates under DDP on every rank over ``shard(val)``, inside ``metrics.sharded_eval``,
+# where the chapters' metrics reduce themselves (see ``vitseg_lab.metrics``). The name stays here
+# for notebooks that shard a data set by hand.
+shard = metrics.shard

@@ -2,21 +2,14 @@
 
 - a tiny chapter-03 run is pre-empted (submitit's USR2 -> requeue), then killed (cancel) and
   resubmitted, and ends with exactly the weights of an uninterrupted run;
-- the watcher's pieces render from a metrics.csv written by ``train.History``;
-- two gloo processes evaluate chapter 03's ``metric_fn`` on their shards: without reduction
-  each rank sees only its shard, with ``reduce_meter`` both report the whole split exactly.
+- the watcher's pieces render from a metrics.csv written by ``train.History``.
 
-Also the entry point of the DDP workers: ``python tests/unit/test_cluster.py ddp-metric OUT``.
+Metrics reduced across ranks: test_ddp_metrics.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +18,6 @@ import submitit
 import torch
 
 from vitseg_lab import cluster
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 # 12 steps of 8 images (4 per epoch), a checkpoint every 3 steps, a CSV row every step.
 SMOKE = {"train.steps": 12, "train.ckpt_every": 3, "train.log_every": 1, "train.eval_every": 0}
@@ -221,93 +211,11 @@ def test_resubmit_is_refused_while_the_job_runs(tmp_path):
         run.resubmit()
 
 
-# -- metrics reduced across ranks (2 gloo processes) -----------------------------------------------
+# -- metrics across ranks -----------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_shard_is_the_metrics_shard():
+    """The chapters' reduction over 2 gloo ranks is tested in test_ddp_metrics.py."""
+    from vitseg_lab import metrics
 
-
-def _model_and_val():
-    from vitseg_lab import segvit
-
-    cfg = dataclasses.replace(segvit.SegViTConfig.smoke(), num_val=15)
-    _, val = segvit.quick_data(cfg)
-    torch.manual_seed(0)
-    model = segvit.build(cfg, val.num_classes).eval()
-    return segvit, model, val
-
-
-def _loader(ds):
-    return torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate)
-
-
-def _ddp_metric_worker(out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    segvit, model, val = _model_and_val()
-    part = cluster.shard(val)
-    plain = segvit.metric_fn(model, _loader(part))
-
-    class ReducedMeter(segvit.SegMeter):  # the one line a chapter needs, in compute()
-        def compute(self):
-            return super(ReducedMeter, cluster.reduce_meter(self)).compute()
-
-    orig, segvit.SegMeter = segvit.SegMeter, ReducedMeter
-    try:
-        reduced = segvit.metric_fn(model, _loader(part))
-    finally:
-        segvit.SegMeter = orig
-    idx = cluster.gather_cat(torch.tensor(list(part.indices)))
-    Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "n": len(part), "plain": plain["mIoU"], "reduced": reduced["mIoU"],
-        "reduced_acc": reduced["pixel_acc"], "gathered": idx.tolist()}))
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_segvit_metric_is_reduced_across_two_gloo_ranks(tmp_path):
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "ddp-metric", str(tmp_path)],
-                                      env=env, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
-    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
-
-    segvit, model, val = _model_and_val()
-    with torch.no_grad():
-        full = segvit.metric_fn(model, _loader(val))
-    assert (r[0]["n"], r[1]["n"]) == (8, 7)                        # uneven shards, no padding
-    for k in (0, 1):
-        assert r[k]["reduced"] == full["mIoU"]                      # exact: integer counts
-        assert r[k]["reduced_acc"] == full["pixel_acc"]
-        assert r[k]["gathered"] == [*range(0, 15, 2), *range(1, 15, 2)]
-    # the chapter's metric_fn alone reports its own shard only
-    assert any(r[k]["plain"] != full["mIoU"] for k in (0, 1))
-
-
-def test_reduction_helpers_are_no_ops_in_one_process():
-    from vitseg_lab.metrics import SegMeter
-
-    m = SegMeter(3)
-    m.update(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 1]]))
-    before = m.conf.clone()
-    assert cluster.reduce_meter(m) is m and torch.equal(m.conf, before)
-    t = torch.arange(3)
-    assert cluster.all_reduce_sum(t) is t and cluster.gather_cat(t) is t
-    sub = cluster.shard(list(range(7)), rank=1, world=3)
-    assert list(sub) == [1, 4]
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "ddp-metric":
-        _ddp_metric_worker(sys.argv[2])
+    assert cluster.shard is metrics.shard
+    assert list(cluster.shard(list(range(7)), rank=1, world=3)) == [1, 4]
