@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["atm_loss", "dice_loss", "sigmoid_focal_loss"]
+__all__ = ["atm_loss", "dice_loss", "global_num_masks", "sigmoid_focal_loss"]
 
 
 
@@ -105,6 +105,22 @@ def atm_targets(semantic: Tensor, num_classes: int, ignore_index: int = 255
     return present, class_target, onehot.float()
 
 
+def global_num_masks(num_masks: int, device: torch.device | str = "cpu",
+                     reduce: bool = True) -> float:
+    """The mask-loss normaliser as the official criterion computes it: this process's count of
+    present-class masks, summed over the DDP ranks (``all_reduce``) and divided by the world size
+    when ``torch.distributed`` is initialised and ``reduce``; then at least 1.
+
+    So every rank divides by the *average* count, not its own: a rank whose images hold few
+    classes does not weigh its few masks up.
+    """
+    n = torch.tensor(float(num_masks), device=device)
+    if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+        n = n / torch.distributed.get_world_size()
+    return max(float(n), 1.0)
+
+
 def atm_loss(
     class_logits: list[Tensor],
     mask_logits: list[Tensor],
@@ -116,6 +132,7 @@ def atm_loss(
     dice_weight: float = 1.0,
     no_object_weight: float = 0.1,
     ignore_in_masks: str = "skip",
+    reduce_num_masks: bool = True,
 ) -> dict[str, Tensor]:
     """SegViT's loss with deep supervision: the same weighted sum at every cascade stage, summed.
 
@@ -126,6 +143,8 @@ def atm_loss(
         semantic: (B, H, W) int64 labels, ``ignore_index`` = unlabelled.
         ignore_in_masks: "skip" (course default) leaves ignore pixels out of focal and dice;
             "negative" counts them as background of every mask (the official code).
+        reduce_num_masks: normalise focal and dice by ``global_num_masks`` (the count averaged
+            over DDP ranks, as the official code); False: by this process's own count.
     Returns:
         {"loss": total over stages, "ce", "focal", "dice": the last stage's terms, detached}.
     """
@@ -144,7 +163,7 @@ def atm_loss(
         semantic, dtype=torch.bool)
     valid = valid.flatten(1)[:, None].expand(-1, K, -1)[present]   # (N, H*W)
     targets = onehot.flatten(2)[present]                            # (N, H*W)
-    num_masks = max(int(present.sum()), 1)
+    num_masks = global_num_masks(int(present.sum()), semantic.device, reduce_num_masks)
     empty_weight = class_logits[0].new_ones(K + 1)
     empty_weight[K] = no_object_weight
 

@@ -20,6 +20,7 @@ C ViT width · d decoder width · nh heads · h, w patch grid · H, W pixels · 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import chapters, fullscale, losses
-from .backbone import ViTBackbone, create_vit, quick_vit
+from .backbone import BackboneOutput, ViTBackbone, create_vit, quick_vit
 from .data.ade20k import ADE20K
 from .data.common import collate
 from .data.shapes import ShapeScenes
@@ -39,10 +40,10 @@ from .inference import resize_short, slide_inference
 from .metrics import SegMeter
 from .train import TrainConfig, run_chapter, skipped_run, unwrap
 
-__all__ = ["PAPER", "ATMDecoderLayer", "ATMHead", "ATMOutput", "LayerTokens", "SegViT",
-           "SegViTConfig", "atm_mask_logits", "atm_similarity", "build", "cascade_masks",
-           "full_scale_check", "load", "loss_fn", "metric_fn", "query_downsample", "quick_data",
-           "run", "semantic_scores"]
+__all__ = ["PAPER", "ATMDecoderLayer", "ATMHead", "ATMOutput", "LayerTokens", "PatchOnlyBackbone",
+           "SegViT", "SegViTConfig", "atm_mask_logits", "atm_similarity", "build", "cascade_masks",
+           "full_scale_check", "init_official", "load", "loss_fn", "metric_fn", "query_downsample",
+           "quick_data", "run", "semantic_scores"]
 
 
 #: The paper's numbers (its tables, as the official README lists them): ADE20K val.
@@ -52,6 +53,8 @@ PAPER = {
     "vit_l_shrunk_ade_miou_ss": 53.9,
     "vit_l_gflops": 637.9,
     "vit_l_shrunk_gflops": 373.5,
+    "vit_b_gflops": 120.9,            # at crop 512 (the ViT-B row's setting)
+    "vit_l_ade_miou_ms": 55.2,
 }
 
 
@@ -181,9 +184,14 @@ class ATMDecoderLayer(nn.Module):
 
     Args:
         dim: d, the decoder width. num_heads: nh (d must be a multiple). mlp_ratio: FFN width / d.
+        dropout: on the self-attention, after each sub-layer and inside the FFN (the official
+            decoder layer inherits ``nn.TransformerDecoderLayer``'s 0.1).
+        attn_dropout: on the ATM attention probabilities (official ``attn_drop=0.1``); the mask
+            is taken from the logits before it, so it never sees dropout.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 attn_dropout: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder width {dim} is not a multiple of num_heads={num_heads}; "
@@ -201,6 +209,7 @@ class ATMDecoderLayer(nn.Module):
                                  nn.Linear(hidden, dim))
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = nn.Dropout(attn_dropout)
 
     def forward(self, class_tokens: Tensor, layer_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """class_tokens: (B, K, d), layer_tokens: (B, L, d)
@@ -213,11 +222,25 @@ class ATMDecoderLayer(nn.Module):
         expect_shape(sim, "B nh K L", name="atm_similarity(...)", B=B, nh=self.num_heads,
                      K=x.shape[1], L=L)
         v = self.v_proj(layer_tokens).reshape(B, L, self.num_heads, -1).transpose(1, 2)
-        out = sim.softmax(dim=-1) @ v                      # softmax over L: (B, nh, K, dh)
+        out = self.attn_dropout(sim.softmax(dim=-1)) @ v   # softmax over L: (B, nh, K, dh)
         out = out.transpose(1, 2).reshape(B, -1, d)        # (B, K, d)
         x = self.norm2(x + self.dropout(self.out_proj(out)))
         x = self.norm3(x + self.dropout(self.ffn(x)))
         return x, sim
+
+
+def init_official(module: nn.Module) -> None:
+    """The official heads' ``init_weights``: every Linear trunc-normal(std 0.02) with zero bias,
+    every LayerNorm weight 1 and bias 0 (``nn.MultiheadAttention``'s packed in-projection is not a
+    Linear and keeps PyTorch's init there too). Query embeddings are set by their owners."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 @dataclass
@@ -244,19 +267,27 @@ class ATMHead(nn.Module):
         dim: d, decoder width (the paper: C / 2). num_heads: nh of every decoder layer.
         num_stages: S, how many ViT layers are decoded (one LayerTokens projection each).
         layers_per_stage: decoder layers per stage (the paper: 3); the mask comes from the last.
+        dropout, attn_dropout: of every ``ATMDecoderLayer`` (official: 0.1 and 0.1).
+        official_init: ``init_official`` on the head and class tokens ~ N(0, 1) (the official
+            ``nn.Embedding``); False: PyTorch's default init and class tokens ~ N(0, 0.02²).
     """
 
     def __init__(self, *, in_dim: int, num_classes: int, dim: int, num_heads: int,
-                 num_stages: int = 3, layers_per_stage: int = 3, dropout: float = 0.0):
+                 num_stages: int = 3, layers_per_stage: int = 3, dropout: float = 0.0,
+                 attn_dropout: float = 0.0, official_init: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.class_tokens = nn.Parameter(torch.randn(num_classes, dim) * 0.02)
         self.layer_tokens = nn.ModuleList(LayerTokens(in_dim, dim) for _ in range(num_stages))
         self.stages = nn.ModuleList(
-            nn.ModuleList(ATMDecoderLayer(dim, num_heads, dropout=dropout)
+            nn.ModuleList(ATMDecoderLayer(dim, num_heads, dropout=dropout,
+                                          attn_dropout=attn_dropout)
                           for _ in range(layers_per_stage))
             for _ in range(num_stages))
         self.class_head = nn.Linear(dim, num_classes + 1)  # index K = "no object"
+        if official_init:
+            init_official(self)
+            nn.init.normal_(self.class_tokens, std=1.0)
 
     def forward(self, features: Sequence[Tensor], grid: tuple[int, int]) -> ATMOutput:
         """features: S x (B, L, C) ViT layer tokens, shallow to deep; grid: (h, w), L = h*w."""
@@ -280,6 +311,45 @@ class ATMHead(nn.Module):
         expect_shape(acc, "S B K h w", name="cascade_masks(...)", S=len(stage_logits), B=B,
                      K=self.num_classes, h=grid[0], w=grid[1])
         return ATMOutput(class_logits, list(acc.unbind(0)), stage_logits, grid)
+
+
+class PatchOnlyBackbone(ViTBackbone):
+    """``ViTBackbone`` whose blocks never see the prefix (CLS) tokens: as the official ViT
+    (``with_cls_token=False``), the CLS token is added with its position embedding and dropped
+    before the first block, so every block runs on the h*w patch tokens only.
+
+    The CLS token then gets no gradient: it is frozen (``requires_grad=False``) so DDP does not
+    find an unused parameter, and the optimizer skips it. Output as ``ViTBackbone`` with an empty
+    ``prefix``. ``return_attn`` is not supported (SegViT never asks for it).
+    """
+
+    def __init__(self, vit, out_layers: Sequence[int] | None = None):
+        super().__init__(vit, out_layers)
+        for name in ("cls_token", "reg_token"):
+            p = getattr(vit, name, None)
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(False)
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """images (B, 3, H, W) -> (patch tokens (B, h*w, C) with position embedding, (h, w))."""
+        vit = self.vit
+        grid = self.grid_size(images.shape[-2], images.shape[-1])
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        return x[:, self.num_prefix_tokens:], grid           # the CLS token is dropped here
+
+    def forward(self, images: Tensor, return_attn: bool = False):
+        if return_attn:
+            raise NotImplementedError("PatchOnlyBackbone has no attention read-out; use "
+                                      "ViTBackbone(..., return_attn=True).")
+        x, grid = self.embed(images)
+        tokens = {}
+        for i, blk in enumerate(self.vit.blocks):
+            x = blk(x)
+            if i in self.out_layers:
+                tokens[i] = x
+        return BackboneOutput(tokens=[tokens[i] for i in self.out_layers],
+                              prefix=[x[:, :0] for _ in self.out_layers], final=self.vit.norm(x),
+                              grid=grid, attn=None, attn_logits=None)
 
 
 class SegViT(nn.Module):
@@ -327,7 +397,12 @@ class SegViT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 SLUG = "segvit"
-FULL_MODEL = "vit_base_patch16_384.orig_in21k_ft_in1k"  # the original JAX ViT-B/16 (in21k -> 1k)
+# mmseg's vit_base_p16_384, which the official ViT-B config loads, is converted from ViT-AugReg
+# (in21k -> in1k at 384): timm's augreg tag, not orig_in21k (METHODS §1.6).
+FULL_MODEL = "vit_base_patch16_384.augreg_in21k_ft_in1k"
+# ViT-L/16: mmseg's vit_large_p16_384, the "jax" in21k weights (METHODS §1.4).
+FULL_LARGE_MODEL = "vit_large_patch16_384.augreg_in21k_ft_in1k"
+PAPER_GLOBAL_BATCH = 16  # 8 GPUs x 2 images (the official configs)
 ADE_CLASSES = 150
 
 
@@ -341,6 +416,18 @@ class SegViTConfig:
     one ATM stage each (decoded deepest first). Decoder: ``decoder_dim`` d (its width),
     ``decoder_heads`` nh, ``layers_per_stage``. Loss: the official code's weights (CE 1, focal 20,
     dice 1, "no object" 0.1). Data: ShapeScenes (quick) or ADE20K (full).
+
+    Official behaviours, each a field whose full-scale value is the official code's (METHODS §1.6)
+    and whose quick-scale value is what the from-scratch CPU run was tuned with:
+    ``drop_cls_token`` (the CLS token is dropped before the first block), ``decoder_dropout`` and
+    ``atm_attn_dropout`` (0.1 each), ``official_init`` (trunc-normal 0.02 Linears, N(0, 1) class
+    and QU queries), ``train.no_decay_norm_bias="norm"`` (weight decay on everything but norm
+    layers), ``reduce_num_masks`` (the mask-loss normaliser all-reduced over DDP ranks).
+    ``structure="shrunk"`` builds the official SegViT-Shrunk (``vitseg_lab.shrunk``): QD at block
+    ``qd_index``, no final norm on the 1/32 tokens, QU, a single-stage ATM head whose
+    ``layers_per_stage`` layers each predict and are supervised.
+    ``global_batch_size``: when set, ``run`` uses ``global_batch_size // WORLD_SIZE`` images per
+    process (``train.batch_size`` is per process); None keeps ``train.batch_size``.
     """
 
     # backbone
@@ -355,16 +442,23 @@ class SegViTConfig:
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)   # the paper: mean = std = 127.5
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     out_layers: tuple[int, ...] = (1, 2, 3)
+    drop_cls_token: bool = False      # official: True (with_cls_token=False)
+    structure: str = "plain"          # "plain" | "shrunk"
+    qd_index: int = 2                 # shrunk: 0-based block run as QD (ViT-L: 8)
     # ATM decoder (timm's per-head width is also called head_dim: hence "decoder_")
     decoder_dim: int = 96
     decoder_heads: int = 3
     layers_per_stage: int = 1
+    decoder_dropout: float = 0.0      # official: 0.1 (decoder layers; also QU's layers)
+    atm_attn_dropout: float = 0.0     # official: 0.1 (ATM cross-attention probabilities)
+    official_init: bool = False       # official: True
     # loss
     ce_weight: float = 1.0
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     no_object_weight: float = 0.1
     ignore_in_masks: str = "skip"
+    reduce_num_masks: bool = True     # official: True (a no-op without torch.distributed)
     # data
     dataset: str = "shapes"          # "shapes" | "ade20k"
     num_train: int = 2048
@@ -377,6 +471,7 @@ class SegViTConfig:
     slide_stride: int = 608
     target_metric: str = "mIoU"
     target: float = 0.80              # the mIoU the run is expected to reach (full: the paper's)
+    global_batch_size: int | None = None
     # CPU threads while training (None: leave torch's setting). The quick model's matmuls are too
     # small to split: on a shared 2-core machine 2 threads ran 6x *slower* than 1 (spin-waiting).
     num_threads: int | None = 1
@@ -406,33 +501,57 @@ class SegViTConfig:
 
     @classmethod
     def full(cls) -> SegViTConfig:
-        """The paper's ViT-B/16 on ADE20K (the official config): crop 640, 160k iterations, batch 16
-        (2 per GPU on 8 GPUs; ``batch_size`` is per process), AdamW lr 2e-5, wd 0.01, poly 1.0,
-        1,500 warmup, head lr x10, clip 35, drop-path 0.1, layers [5, 7, 11], d = C/2 = 384.
-        51.3 mIoU single-scale is the paper's number."""
-        return cls(model_name=FULL_MODEL, pretrained=True, img_size=640, patch_size=16,
+        """The paper's ViT-B/16 row on ADE20K (51.3 mIoU single-scale, 120.9 GFLOPs): crop 512,
+        sliding windows 512 / stride 341, ``FULL_MODEL`` weights, 160k iterations of a global
+        batch of 16 (``run`` splits it over the processes: 2 per GPU on 8 GPUs), AdamW lr 2e-5,
+        wd 0.01 on all but norm layers, poly 1.0, 1,500 warmup, head lr x10, clip 35, drop-path
+        0.1, layers [5, 7, 11], d = C/2 = 384, 3 decoder layers per stage, and the official
+        model behaviours (no CLS token, dropout 0.1, official init)."""
+        return cls(model_name=FULL_MODEL, pretrained=True, img_size=512, patch_size=16,
                    embed_dim=768, depth=12, num_heads=12, drop_path=0.1, out_layers=(5, 7, 11),
-                   decoder_dim=384, decoder_heads=12, layers_per_stage=3, dataset="ade20k",
-                   num_train=0, num_val=0, target=PAPER["vit_b_ade_miou_ss"], num_threads=None,
-                   train=TrainConfig(steps=160_000, batch_size=16, lr=2e-5, weight_decay=0.01,
+                   drop_cls_token=True, decoder_dim=384, decoder_heads=12, layers_per_stage=3,
+                   decoder_dropout=0.1, atm_attn_dropout=0.1, official_init=True,
+                   reduce_num_masks=True, dataset="ade20k", num_train=0, num_val=0, crop=512,
+                   slide_stride=341, target=PAPER["vit_b_ade_miou_ss"], num_threads=None,
+                   global_batch_size=PAPER_GLOBAL_BATCH,
+                   train=TrainConfig(steps=160_000, batch_size=PAPER_GLOBAL_BATCH // 8, lr=2e-5,
+                                     weight_decay=0.01, no_decay_norm_bias="norm",
                                      warmup_steps=1500, schedule="poly", poly_power=1.0,
                                      grad_clip=35.0, eval_every=16_000, log_every=50,
                                      ckpt_every=2000, head_lr_mult=10.0, num_workers=8,
                                      out_dir="runs/segvit-full"))
 
     @classmethod
+    def full_large(cls) -> SegViTConfig:
+        """The headline ViT-L/16 row (54.6 single-scale / 55.2 multi-scale, 637.9 GFLOPs):
+        ``full()`` with the ViT-L weights, crop 640, windows 640 / stride 608, drop-path 0.3,
+        layers [7, 15, 23], d = 512, 16 heads. ``scale="full-large"``; multi-scale testing (55.2)
+        is not implemented, so the target is the single-scale 54.6."""
+        b = cls.full()
+        return replace(b, model_name=FULL_LARGE_MODEL, img_size=640, embed_dim=1024, depth=24,
+                       num_heads=16, drop_path=0.3, out_layers=(7, 15, 23), decoder_dim=512,
+                       decoder_heads=16, crop=640, slide_stride=608,
+                       target=PAPER["vit_l_ade_miou_ss"],
+                       train=replace(b.train, out_dir="runs/segvit-full-large"))
+
+    @classmethod
     def for_scale(cls, scale: str) -> SegViTConfig:
-        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
+        """quick | smoke | full (ViT-B/16 512) | full-large (ViT-L/16 640)."""
+        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full,
+                   "full-large": cls.full_large}
         if scale not in presets:
             raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
         return presets[scale]()
 
 
-def build(cfg: SegViTConfig, num_classes: int) -> SegViT:
-    """The whole model in one function: ViT backbone read at ``out_layers`` + ATM head.
+def build(cfg: SegViTConfig, num_classes: int) -> nn.Module:
+    """The whole model in one function: ViT backbone read at ``out_layers`` + ATM head, or with
+    ``cfg.structure == "shrunk"`` the official SegViT-Shrunk (``shrunk.build_shrunk``).
 
     num_classes: as the data set counts them (one class token each); the model keeps ``cfg``.
     """
+    if cfg.structure not in ("plain", "shrunk"):
+        raise ValueError(f"structure={cfg.structure!r}; use 'plain' or 'shrunk'.")
     if cfg.model_name == "quick":
         vit = quick_vit(img_size=cfg.img_size, patch_size=cfg.patch_size,
                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
@@ -443,11 +562,18 @@ def build(cfg: SegViTConfig, num_classes: int) -> SegViT:
     # The head reads raw block outputs through its own Linear + LayerNorm: the ViT's final norm
     # would get no gradient (and DDP refuses unused parameters).
     vit.norm = nn.Identity()
-    backbone = ViTBackbone(vit, out_layers=sorted(cfg.out_layers))
-    head = ATMHead(in_dim=backbone.embed_dim, num_classes=num_classes, dim=cfg.decoder_dim,
-                   num_heads=cfg.decoder_heads, num_stages=len(cfg.out_layers),
-                   layers_per_stage=cfg.layers_per_stage)
-    model = SegViT(backbone, head, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+    if cfg.structure == "shrunk":
+        from .shrunk import build_shrunk
+
+        model = build_shrunk(cfg, vit, num_classes)
+    else:
+        backbone = (PatchOnlyBackbone if cfg.drop_cls_token else ViTBackbone)(
+            vit, out_layers=sorted(cfg.out_layers))
+        head = ATMHead(in_dim=backbone.embed_dim, num_classes=num_classes, dim=cfg.decoder_dim,
+                       num_heads=cfg.decoder_heads, num_stages=len(cfg.out_layers),
+                       layers_per_stage=cfg.layers_per_stage, dropout=cfg.decoder_dropout,
+                       attn_dropout=cfg.atm_attn_dropout, official_init=cfg.official_init)
+        model = SegViT(backbone, head, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
     model.cfg = cfg
     return model
 
@@ -460,7 +586,8 @@ def loss_fn(model: nn.Module, batch: dict) -> dict[str, Tensor]:
     return losses.atm_loss(out.class_logits, out.mask_logits, batch["semantic"],
                            ce_weight=cfg.ce_weight, focal_weight=cfg.focal_weight,
                            dice_weight=cfg.dice_weight, no_object_weight=cfg.no_object_weight,
-                           ignore_in_masks=cfg.ignore_in_masks)
+                           ignore_in_masks=cfg.ignore_in_masks,
+                           reduce_num_masks=cfg.reduce_num_masks)
 
 
 @torch.no_grad()
@@ -505,9 +632,25 @@ def full_scale_check(cfg: SegViTConfig | None = None) -> str | None:
     return fullscale.check(SLUG, cfg.model_name if cfg.pretrained else None, gpus=8)
 
 
+def per_process_batch(cfg: SegViTConfig, world_size: int | None = None) -> SegViTConfig:
+    """``cfg`` with ``train.batch_size = global_batch_size // world_size`` (the world size from
+    torchrun's ``WORLD_SIZE``, 1 without it); unchanged when ``global_batch_size`` is None.
+    Raises ValueError when the global batch does not split evenly over the processes."""
+    if cfg.global_batch_size is None:
+        return cfg
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.global_batch_size % world:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} does not split over "
+                         f"{world} processes; use a world size that divides it (8 GPUs x 2 is "
+                         "the paper's) or set global_batch_size=None and train.batch_size.")
+    return replace(cfg, train=replace(cfg.train, batch_size=cfg.global_batch_size // world))
+
+
 def run(cfg: SegViTConfig) -> chapters.RunResult:
     """Build data and model, train with ``fit``, evaluate; see ``chapters.RunResult``. The
-    baseline is the untrained model; at full scale with pieces missing nothing runs."""
+    baseline is the untrained model; at full scale with pieces missing nothing runs.
+    With ``cfg.global_batch_size`` the per-process batch is derived (``per_process_batch``)."""
+    cfg = per_process_batch(cfg)
     if cfg.dataset == "ade20k":
         missing = full_scale_check(cfg)
         if missing:

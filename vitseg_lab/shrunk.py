@@ -5,7 +5,12 @@ At one block the *queries* are the token grid sub-sampled by 2 (query-based down
 the learner's ``segvit.query_downsample``) while keys and values stay the full grid; the blocks
 after it run on a quarter of the tokens. Query-based up-sampling (QU) -- learnable queries, one per
 1/16 position, cross-attending to the 1/16 and then the 1/32 tokens -- gives back a 1/16 map for a
-single-stage ATM head (``segvit.ATMHead``). ``vitseg_lab.flops`` measures what it saves.
+single-stage ATM head. ``vitseg_lab.flops`` measures what it saves.
+
+As the official Shrunk (``vit_shrink.py``, ``tpn_atm_head.py``; METHODS §1.6): no final LayerNorm
+on the 1/32 tokens (``final_norm=False``); the head is ``ATMSingleHead`` -- one stage, no
+Linear + LayerNorm on its input (``use_proj=False``), and each of its decoder layers predicts
+classes and its *own* mask (not accumulated), all supervised by the loss.
 
 Shapes: B batch · P prefix (CLS) tokens · h, w patch grid · C ViT width · d decoder width ·
 nh heads · dh = C / nh timm's per-head width.
@@ -20,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import segvit
-from .backbone import block_residual
-from .exercises import expect_tensor
+from .backbone import ViTBackbone, block_residual
+from .exercises import expect_shape, expect_tensor
 
-__all__ = ["QueryUpsampler", "ShrunkSegViT", "qd_block"]
+__all__ = ["ATMSingleHead", "QueryUpsampler", "ShrunkSegViT", "build_shrunk", "qd_block"]
 
 
 def qd_block(blk: nn.Module, x: Tensor, grid: tuple[int, int], num_prefix: int
@@ -62,10 +67,13 @@ class QueryUpsampler(nn.Module):
     Args:
         in_dim: C. dim: d. num_heads: nh. grid: (h, w) at 1/16 (e.g. 40 x 40 for 640 px).
         depth: decoder layers per pass (the paper: 3).
+        dropout: of the ``nn.TransformerDecoderLayer``s (official: their default, 0.1).
+        official_init: ``segvit.init_official`` and queries ~ N(0, 1) (the official
+            ``nn.Embedding``); False: PyTorch's init, queries ~ N(0, 0.02²).
     """
 
     def __init__(self, *, in_dim: int, dim: int, num_heads: int, grid: tuple[int, int],
-                 depth: int = 3):
+                 depth: int = 3, dropout: float = 0.0, official_init: bool = False):
         super().__init__()
         self.grid = tuple(grid)
         self.queries = nn.Parameter(torch.randn(grid[0] * grid[1], dim) * 0.02)
@@ -73,11 +81,14 @@ class QueryUpsampler(nn.Module):
         self.deep = segvit.LayerTokens(in_dim, dim)
 
         def decoder() -> nn.TransformerDecoder:
-            layer = nn.TransformerDecoderLayer(dim, num_heads, 4 * dim, dropout=0.0,
+            layer = nn.TransformerDecoderLayer(dim, num_heads, 4 * dim, dropout=dropout,
                                                batch_first=True)
             return nn.TransformerDecoder(layer, depth)
 
         self.decode_shallow, self.decode_deep = decoder(), decoder()
+        if official_init:
+            segvit.init_official(self)
+            nn.init.normal_(self.queries, std=1.0)
 
     def forward(self, shallow: Tensor, deep: Tensor, grid: tuple[int, int]) -> Tensor:
         """shallow: (B, h*w, C) at 1/16, deep: (B, h'*w', C) at 1/32, grid: (h, w)
@@ -92,6 +103,46 @@ class QueryUpsampler(nn.Module):
         return self.decode_deep(q, self.deep(deep))
 
 
+class ATMSingleHead(nn.Module):
+    """The official Shrunk head (``ATMSingleHead(use_proj=False)``): class tokens decoded by
+    ``num_layers`` ATM decoder layers against the QU tokens as they are (no LayerTokens
+    projection); *each* layer gives class logits (shared class head) and its own head-averaged
+    mask logits, not accumulated, and the loss supervises all of them.
+
+    Args:
+        num_classes: K. dim: d (= the QU width). num_heads: nh. num_layers: the paper's 3.
+        dropout, attn_dropout, official_init: as ``segvit.ATMHead``.
+    forward: tokens (B, h*w, d), grid (h, w) -> ``segvit.ATMOutput`` with one entry per layer
+    (``mask_logits`` = ``stage_logits``: each layer's own logits).
+    """
+
+    def __init__(self, *, num_classes: int, dim: int, num_heads: int, num_layers: int = 3,
+                 dropout: float = 0.0, attn_dropout: float = 0.0, official_init: bool = False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_tokens = nn.Parameter(torch.randn(num_classes, dim) * 0.02)
+        self.layers = nn.ModuleList(
+            segvit.ATMDecoderLayer(dim, num_heads, dropout=dropout, attn_dropout=attn_dropout)
+            for _ in range(num_layers))
+        self.class_head = nn.Linear(dim, num_classes + 1)  # index K = "no object"
+        if official_init:
+            segvit.init_official(self)
+            nn.init.normal_(self.class_tokens, std=1.0)
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> segvit.ATMOutput:
+        B = tokens.shape[0]
+        q = self.class_tokens.expand(B, -1, -1)                      # (B, K, d)
+        class_logits, masks = [], []
+        for layer in self.layers:
+            q, sim = layer(q, tokens)
+            logits = expect_tensor(segvit.atm_mask_logits(sim, grid), name="atm_mask_logits")
+            expect_shape(logits, "B K h w", name="atm_mask_logits(...)", B=B,
+                         K=self.num_classes, h=grid[0], w=grid[1])
+            masks.append(logits)
+            class_logits.append(self.class_head(q))
+        return segvit.ATMOutput(class_logits, masks, masks, tuple(grid))
+
+
 class ShrunkSegViT(nn.Module):
     """SegViT-Shrunk: the ViT runs blocks ``qd_index``.. at 1/32 (QD), QU restores 1/16 and a
     single-stage ATM head decodes it.
@@ -99,15 +150,25 @@ class ShrunkSegViT(nn.Module):
     Args:
         backbone: ``ViTBackbone`` (only its ``.vit`` is used: the blocks are run here).
         upsampler: ``QueryUpsampler`` with ``in_dim`` = C.
-        head: ``ATMHead`` with ``num_stages=1`` and ``in_dim`` = the upsampler's d.
+        head: ``ATMSingleHead`` (official) reading the QU tokens, or an ``ATMHead`` with
+            ``num_stages=1`` and ``in_dim`` = the upsampler's d (which re-projects them).
         qd_index: 0-based block run as QD (the paper: 8, the 9th of 24).
+        final_norm: apply the ViT's final norm to the 1/32 tokens (official: False).
+        drop_cls_token: drop the CLS token before the first block (official: True).
         pixel_mean, pixel_std: input normalisation, as in ``SegViT``.
     """
 
-    def __init__(self, backbone: nn.Module, upsampler: QueryUpsampler, head: segvit.ATMHead,
-                 qd_index: int = 8, *, pixel_mean: Sequence[float] = (0.5, 0.5, 0.5),
+    def __init__(self, backbone: nn.Module, upsampler: QueryUpsampler, head: nn.Module,
+                 qd_index: int = 8, *, final_norm: bool = False, drop_cls_token: bool = False,
+                 pixel_mean: Sequence[float] = (0.5, 0.5, 0.5),
                  pixel_std: Sequence[float] = (0.5, 0.5, 0.5)):
         super().__init__()
+        self.final_norm, self.drop_cls_token = final_norm, drop_cls_token
+        if drop_cls_token:  # no gradient reaches it: frozen, so DDP finds no unused parameter
+            for name in ("cls_token", "reg_token"):
+                p = getattr(backbone.vit, name, None)
+                if isinstance(p, nn.Parameter):
+                    p.requires_grad_(False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
         depth = len(backbone.vit.blocks)
@@ -126,6 +187,8 @@ class ShrunkSegViT(nn.Module):
         grid = self.backbone.grid_size(*images.shape[-2:])
         x = vit.patch_embed((images - self.pixel_mean) / self.pixel_std)
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))           # (B, P + h*w, C)
+        if self.drop_cls_token:
+            x, P = x[:, P:], 0                                        # (B, h*w, C)
         small = grid
         for i, blk in enumerate(vit.blocks):
             if i == self.qd_index:
@@ -133,7 +196,31 @@ class ShrunkSegViT(nn.Module):
                 x, small = qd_block(blk, x, small, P)
             else:
                 x = blk(x)
-        deep = vit.norm(x)[:, P:]                         # (B, h'*w', C) at 1/32
-        return self.head([self.upsampler(shallow, deep, grid)], grid)
+        deep = (vit.norm(x) if self.final_norm else x)[:, P:]   # (B, h'*w', C) at 1/32
+        tokens = self.upsampler(shallow, deep, grid)              # (B, h*w, d) at 1/16
+        if isinstance(self.head, ATMSingleHead):
+            return self.head(tokens, grid)
+        return self.head([tokens], grid)
 
     predict = segvit.SegViT.predict
+
+
+def build_shrunk(cfg, vit: nn.Module, num_classes: int) -> ShrunkSegViT:
+    """SegViT-Shrunk from a ``segvit.SegViTConfig`` (``structure="shrunk"``) and its timm ViT:
+    QD at ``cfg.qd_index``, QU with one query per 1/``patch`` position of a ``cfg.img_size`` image
+    and ``cfg.layers_per_stage``-layer decoders (dropout ``cfg.decoder_dropout``), and the
+    official ``ATMSingleHead`` with ``cfg.layers_per_stage`` supervised layers. The final norm
+    is never applied (official ``final_norm=False``)."""
+    grid = (cfg.img_size // cfg.patch_size,) * 2
+    backbone = ViTBackbone(vit)
+    C = backbone.embed_dim
+    up = QueryUpsampler(in_dim=C, dim=cfg.decoder_dim, num_heads=cfg.decoder_heads, grid=grid,
+                        depth=cfg.layers_per_stage, dropout=cfg.decoder_dropout,
+                        official_init=cfg.official_init)
+    head = ATMSingleHead(num_classes=num_classes, dim=cfg.decoder_dim,
+                         num_heads=cfg.decoder_heads, num_layers=cfg.layers_per_stage,
+                         dropout=cfg.decoder_dropout, attn_dropout=cfg.atm_attn_dropout,
+                         official_init=cfg.official_init)
+    return ShrunkSegViT(backbone, up, head, qd_index=cfg.qd_index, final_norm=False,
+                        drop_cls_token=cfg.drop_cls_token, pixel_mean=cfg.pixel_mean,
+                        pixel_std=cfg.pixel_std)

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,12 +332,22 @@ def test_slide_inference_one_window_is_predict(quick_model):
 
 def test_configs_hold_the_paper_recipe():
     full = segvit.SegViTConfig.for_scale("full")
-    assert (full.crop, full.slide_stride, full.out_layers, full.decoder_dim) == (640, 608, (5, 7, 11),
-                                                                             384)
+    assert (full.img_size, full.crop, full.slide_stride, full.out_layers, full.decoder_dim) == (
+        512, 512, 341, (5, 7, 11), 384), "ViT-B's row is the 512 setting (METHODS 1.6)"
+    assert full.model_name == "vit_base_patch16_384.augreg_in21k_ft_in1k"
     t = full.train
-    assert (t.steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.schedule,
-            t.grad_clip, t.head_lr_mult) == (160_000, 16, 2e-5, 0.01, 1500, "poly", 35.0, 10.0)
+    assert (t.steps, t.lr, t.weight_decay, t.warmup_steps, t.schedule, t.grad_clip,
+            t.head_lr_mult, t.no_decay_norm_bias) == (160_000, 2e-5, 0.01, 1500, "poly", 35.0,
+                                                      10.0, "norm")
+    assert full.global_batch_size == 16 and t.batch_size * 8 == 16, "2 per GPU on 8 GPUs"
+    assert (full.drop_cls_token, full.decoder_dropout, full.atm_attn_dropout,
+            full.official_init, full.reduce_num_masks) == (True, 0.1, 0.1, True, True)
     assert full.target == 51.3
+    large = segvit.SegViTConfig.for_scale("full-large")
+    assert (large.img_size, large.crop, large.slide_stride, large.out_layers, large.decoder_dim,
+            large.decoder_heads, large.embed_dim, large.depth, large.drop_path) == (
+        640, 640, 608, (7, 15, 23), 512, 16, 1024, 24, 0.3)
+    assert large.target == 54.6 and large.global_batch_size == 16
     assert segvit.SegViTConfig.for_scale("quick").target >= 0.8
     assert segvit.SegViTConfig.for_scale("smoke").train.steps <= 5
     with pytest.raises(ValueError, match="quick"):
@@ -400,9 +411,214 @@ def test_full_scale_path_runs_on_an_ade20k_fixture(tmp_path, monkeypatch):
     cfg = replace(full, model_name="quick", pretrained=False, img_size=32, patch_size=8,
                   embed_dim=24, depth=2, num_heads=2, out_layers=(0, 1), decoder_dim=24,
                   decoder_heads=2, layers_per_stage=1, crop=32, slide_stride=24,
+                  global_batch_size=None,
                   train=replace(full.train, steps=2, batch_size=2, warmup_steps=1, num_workers=0,
                                 eval_every=0, ckpt_every=0, out_dir=str(tmp_path / "run"),
                                 progress=False))
     out = segvit.run(cfg)
     assert 0.0 <= out.value <= 1.0 and len(out.metrics["iou"]) == segvit.ADE_CLASSES
     assert (tmp_path / "run" / "last.pt").exists()
+
+
+# ---------------------------------------------------------------------------- official behaviours
+
+def _tiny_cfg(**kw):
+    kw = {"model_name": "quick", "img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 4,
+          "num_heads": 2, "out_layers": (1, 3), "decoder_dim": 16, "decoder_heads": 2,
+          "layers_per_stage": 3, **kw}
+    return replace(segvit.SegViTConfig.quick(), **kw)
+
+
+def test_global_batch_is_split_over_the_processes(monkeypatch):
+    full = segvit.SegViTConfig.full()
+    assert segvit.per_process_batch(full, 8).train.batch_size == 2
+    assert segvit.per_process_batch(full, 1).train.batch_size == 16
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert segvit.per_process_batch(full).train.batch_size == 4
+    with pytest.raises(ValueError, match="split"):
+        segvit.per_process_batch(full, 3)
+    q = segvit.SegViTConfig.quick()
+    assert segvit.per_process_batch(q, 8) is q, "no global batch: the per-process one stays"
+
+
+def test_drop_cls_token_blocks_see_patch_tokens_only():
+    torch.manual_seed(0)
+    seen = []
+    model = segvit.build(_tiny_cfg(drop_cls_token=True), 3)
+    assert isinstance(model.backbone, segvit.PatchOnlyBackbone)
+    assert not model.backbone.vit.cls_token.requires_grad
+    model.backbone.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    model(torch.rand(2, 3, 32, 32))
+    assert seen[0] == (2, 16, 24), "16 patch tokens, no CLS token, enter the first block"
+    # the patch tokens carry their own position embedding (pos_embed[1:]), as the official ViT
+    vit = model.backbone.vit
+    x = torch.rand(1, 3, 32, 32)
+    tok, _ = model.backbone.embed(x)
+    want = vit.patch_embed(x).flatten(1, 2) + vit.pos_embed[:, 1:]   # NHWC: dynamic size
+    torch.testing.assert_close(tok, want)
+    kept = segvit.build(_tiny_cfg(drop_cls_token=False), 3)
+    seen.clear()
+    kept.backbone.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    kept(torch.rand(2, 3, 32, 32))
+    assert seen[0] == (2, 17, 24)
+
+
+def test_dropout_is_active_in_train_and_absent_in_eval():
+    torch.manual_seed(0)
+    layer = segvit.ATMDecoderLayer(16, 2, dropout=0.1, attn_dropout=0.1)
+    q, f = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    layer.train()
+    a, sim_a = layer(q, f)
+    b, sim_b = layer(q, f)
+    assert not torch.allclose(a, b), "train mode: two passes differ (dropout)"
+    layer.eval()
+    torch.testing.assert_close(layer(q, f)[0], layer(q, f)[0])
+    # the ATM attention dropout alone also acts on the class-token update
+    only_attn = segvit.ATMDecoderLayer(16, 2, dropout=0.0, attn_dropout=0.5).train()
+    (a, sim_a), (b, sim_b) = only_attn(q, f), only_attn(q, f)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(sim_a, sim_b, msg="the mask logits are taken before the dropout")
+    assert only_attn.attn_dropout.p == 0.5
+    model = segvit.build(_tiny_cfg(decoder_dropout=0.1, atm_attn_dropout=0.1), 3)
+    ps = {m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout)}
+    assert ps == {0.1}
+    assert model.head.stages[0][0].self_attn.dropout == 0.1
+
+
+def test_official_init_statistics():
+    torch.manual_seed(0)
+    head = segvit.ATMHead(in_dim=64, num_classes=200, dim=256, num_heads=4, num_stages=1,
+                          layers_per_stage=2, official_init=True)
+    assert abs(float(head.class_tokens.detach().std()) - 1.0) < 0.05, "class queries ~ N(0, 1)"
+    w = head.stages[0][0].q_proj.weight
+    assert abs(float(w.detach().std()) - 0.02) < 0.002, "trunc-normal std 0.02"
+    assert float(head.class_head.bias.detach().abs().sum()) == 0.0
+    ln = head.layer_tokens[0].norm
+    assert torch.equal(ln.weight, torch.ones_like(ln.weight)) and not ln.bias.detach().any()
+    plain = segvit.ATMHead(in_dim=64, num_classes=200, dim=256, num_heads=4, num_stages=1,
+                           layers_per_stage=2, official_init=False)
+    assert float(plain.class_tokens.detach().std()) < 0.05
+    assert float(plain.stages[0][0].q_proj.weight.detach().std()) > 0.03, "PyTorch's default"
+    up = shrunk.QueryUpsampler(in_dim=24, dim=64, num_heads=2, grid=(16, 16), depth=1,
+                               official_init=True)
+    assert abs(float(up.queries.detach().std()) - 1.0) < 0.1, "QU queries ~ N(0, 1)"
+
+
+def test_official_weight_decay_exempts_only_norm_layers():
+    from vitseg_lab.train import param_groups
+
+    model = segvit.build(_tiny_cfg(drop_cls_token=True), 3)
+    cfg = segvit.SegViTConfig.full().train
+    groups = param_groups(model, cfg)
+    ids = {g["name"]: {id(p) for p in g["params"]} for g in groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[i] for g in groups if g["weight_decay"] == 0 for i in ids[g["name"]]}
+    assert no_decay, "norm layers get no decay"
+    assert all(".norm" in n for n in no_decay), no_decay
+    decay = {names[i] for g in groups if g["weight_decay"] > 0 for i in ids[g["name"]]}
+    assert "head.class_head.bias" in decay and "backbone.vit.pos_embed" in decay
+    assert "head.class_tokens" in decay
+    assert "backbone.vit.cls_token" not in decay | no_decay, "frozen: not optimised at all"
+    # the course default still exempts biases and 1-d parameters
+    course = param_groups(model, replace(cfg, no_decay_norm_bias=True))
+    course_nd = {names[id(p)] for g in course if g["weight_decay"] == 0 for p in g["params"]}
+    assert "head.class_head.bias" in course_nd
+
+
+def _num_masks_worker(rank, path, counts):
+    import torch.distributed as dist
+
+    from vitseg_lab import losses
+
+    dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=2)
+    try:
+        got = losses.global_num_masks(counts[rank])
+        own = losses.global_num_masks(counts[rank], reduce=False)
+        Path(f"{path}.{rank}").write_text(f"{got} {own}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mask_normaliser_is_averaged_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from vitseg_lab import losses
+
+    assert losses.global_num_masks(3) == 3.0 and losses.global_num_masks(0) == 1.0
+    path = str(tmp_path / "nm")
+    mp.spawn(_num_masks_worker, args=(path, (2, 8)), nprocs=2, join=True)
+    results = [tuple(map(float, Path(f"{path}.{r}").read_text().split())) for r in range(2)]
+    assert results == [(5.0, 2.0), (5.0, 8.0)], "all-reduced sum / world size on every rank"
+
+
+def test_atm_loss_uses_the_reduced_normaliser(monkeypatch):
+    from vitseg_lab import losses
+
+    g = _g(11)
+    cls = [torch.randn(1, 3, 4, generator=g)]
+    masks = [torch.randn(1, 3, 4, 4, generator=g)]
+    sem = torch.tensor([[[0, 0, 1, 1]] * 4])
+    base = losses.atm_loss(cls, masks, sem)
+    monkeypatch.setattr(losses, "global_num_masks", lambda n, device=None, reduce=True: 4.0)
+    halved = losses.atm_loss(cls, masks, sem)         # 2 present classes normalised by 4
+    torch.testing.assert_close(halved["focal"], base["focal"] / 2)
+    torch.testing.assert_close(halved["dice"], base["dice"] / 2)
+
+
+def test_official_shrunk_structure():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(structure="shrunk", qd_index=2, drop_cls_token=True, official_init=True,
+                    decoder_dropout=0.1, atm_attn_dropout=0.1)
+    model = segvit.build(cfg, 3)
+    assert isinstance(model.head, shrunk.ATMSingleHead) and not model.final_norm
+    assert not any(isinstance(m, segvit.LayerTokens) for m in model.head.modules()), \
+        "no input projection in the single head"
+    assert len(model.head.layers) == 3
+    # no final norm on the 1/32 path: a norm that would change everything changes nothing
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    ref = model(x)
+    model.backbone.vit.norm = torch.nn.LayerNorm(24)
+    torch.nn.init.constant_(model.backbone.vit.norm.weight, 5.0)
+    again = model(x)
+    torch.testing.assert_close(again.mask_logits[-1], ref.mask_logits[-1])
+    model.final_norm = True
+    assert not torch.allclose(model(x).mask_logits[-1], ref.mask_logits[-1])
+    model.final_norm = False
+    # 3 layers, each its own class logits and non-accumulated mask
+    assert len(ref.class_logits) == len(ref.mask_logits) == 3
+    seen = []
+    hooks = [lay.register_forward_hook(lambda m, i, o: seen.append(o[1]))
+             for lay in model.head.layers]
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    for sim, mask in zip(seen, out.mask_logits):
+        torch.testing.assert_close(mask, segvit.atm_mask_logits(sim, out.grid))
+    assert not torch.allclose(out.mask_logits[2], sum(out.mask_logits))
+    # all 3 are supervised: each layer's mask gets gradient from the loss
+    model.train()
+    out = model(x)
+    for m in out.mask_logits:
+        m.retain_grad()
+    terms = losses_atm(out, torch.randint(0, 3, (2, 32, 32)))
+    terms["loss"].backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in out.mask_logits)
+    assert all(c.requires_grad for c in out.class_logits)
+
+
+def losses_atm(out, sem):
+    from vitseg_lab import losses
+
+    return losses.atm_loss(out.class_logits, out.mask_logits, sem)
+
+
+def test_flops_reproduce_the_paper_under_fvcore_rules():
+    from vitseg_lab import flops
+
+    rows = {r["model"]: r for r in flops.flops_table()}
+    for name, r in rows.items():
+        assert r["fvcore"] == r["paper"], (name, r)
+        assert r["torch"] < r["fvcore"], "the einsum, upsampling and LayerNorm add cost"
+    assert rows["SegViT ViT-L"]["inference"] == 9.22
+    assert 0.39 < rows["SegViT-Shrunk ViT-L"]["saving"] < 0.43
