@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
@@ -699,6 +698,8 @@ def _set_rng(state: dict) -> None:
 
 def _save_plot(history: History, path: Path) -> None:
     # A Figure outside pyplot: saving it mid-training must not add a figure to a notebook cell.
+    from matplotlib.figure import Figure  # here: DDP workers and fit() without out_dir skip it
+
     fig = Figure(figsize=(10, 3.5), layout="constrained")
     history._draw(*fig.subplots(1, 2))
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

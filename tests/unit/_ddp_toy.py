@@ -1,8 +1,7 @@
-"""A tiny deterministic model, data set and loss for test_train.py, and the entry point of its
-subprocesses.
+"""A tiny deterministic model, data set, loss and metric for test_train.py, and the entry point of
+its DDP workers:
 
-    torchrun --standalone --nproc_per_node 2 tests/unit/_ddp_toy.py ddp OUT   # DDP over gloo
-    python tests/unit/_ddp_toy.py kill OUT K THREADS                          # SIGKILL at step K
+    torchrun --standalone --nproc_per_node 2 tests/unit/_ddp_toy.py OUT   # DDP over gloo
 
 The data set draws augmentation noise from torch, numpy and Python's ``random`` and the model
 has dropout, so a resume is exact only if every RNG state comes back.
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sys
 
 import numpy as np
@@ -21,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from vitseg_lab.train import TrainConfig, fit
+from vitseg_lab.metrics import sum_over_ranks
+from vitseg_lab.train import TrainConfig, evaluate, fit
 
 IN, HIDDEN, CLASSES = 6, 12, 3
 
@@ -78,27 +77,33 @@ def toy_model(seed: int = 0, unused: bool = False) -> ToyNet:
     return ToyNet(unused)
 
 
-if __name__ == "__main__":
-    mode, out = sys.argv[1], sys.argv[2]
-    # CPU kernels reduce in thread-sized chunks: bit-equal weights need the parent's thread count.
-    torch.set_num_threads(int(sys.argv[4]) if mode == "kill" else 1)
-    if mode == "ddp":
-        rank = int(os.environ["RANK"])
-        # Different weights on purpose: DDP must broadcast rank 0's.
-        model = toy_model(seed=rank, unused=True)
-        cfg = toy_cfg(steps=12, out_dir=os.path.join(out, "run"), ckpt_every=5)
-        hist = fit(model, ToyData(40), cfg, toy_loss)
-        torch.save({"state": model.state_dict(), "final": hist.final},
-                   os.path.join(out, f"rank{rank}.pt"))
-    elif mode == "kill":
-        kill_at = int(sys.argv[3])
-        calls = 0
+def toy_metric(model, loader):
+    """Accuracy and item count, reduced across ranks under fit's sharded evaluation."""
+    right = n = 0
+    for batch in loader:
+        right += int((model(batch["x"]).argmax(1) == batch["y"]).sum())
+        n += len(batch["y"])
+    right, n = sum_over_ranks((right, n))
+    return {"acc": right / n, "n": n}
 
-        def killing_loss(model, batch):
-            global calls
-            calls += 1
-            if calls == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real crash
-            return toy_loss(model, batch)
 
-        fit(toy_model(), ToyData(40), toy_cfg(out_dir=out, ckpt_every=5), killing_loss)
+def toy_val() -> ToyData:
+    """15 noise-free samples: an odd count (uneven shards), the same in every process."""
+    return ToyData(15, seed=1, noise=False)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node 2 _ddp_toy.py OUT
+    import torch.distributed as dist
+
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo")  # here, so evaluate() below still has the group after fit
+    # Different weights on purpose: DDP must broadcast rank 0's.
+    model = toy_model(seed=rank, unused=True)
+    cfg = toy_cfg(steps=12, out_dir=os.path.join(out, "run"), ckpt_every=5, eval_every=6)
+    hist = fit(model, ToyData(40), cfg, toy_loss, toy_metric, val_data=toy_val())
+    loss_eval = evaluate(model, toy_val(), cfg, toy_loss)  # no metric_fn: mean loss terms
+    torch.save({"state": model.state_dict(), "final": hist.final, "rows": hist.rows,
+                "loss_eval": loss_eval}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()

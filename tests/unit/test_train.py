@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from collections import OrderedDict, UserDict, namedtuple
@@ -23,9 +25,11 @@ from vitseg_lab.train import (
     CheckpointError,
     History,
     TrainConfig,
+    evaluate,
     fit,
     load_checkpoint,
     lr_at,
+    num_threads,
     param_groups,
     save_checkpoint,
     to_device,
@@ -277,15 +281,31 @@ def test_finished_run_resumed_does_nothing_more(tmp_path):
             must_not_run)
 
 
+def _fit_killed_at(kill_at: int, out_dir) -> None:
+    """In a forked child: fit with a loss that SIGKILLs the process at call ``kill_at``."""
+    calls = 0
+
+    def killing_loss(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real crash
+        return toy.toy_loss(model, batch)
+
+    fit(toy.toy_model(), toy.ToyData(40), toy.toy_cfg(out_dir=str(out_dir), ckpt_every=5),
+        killing_loss)
+    os._exit(0)  # not reached when the kill works
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     ref, _ = _uninterrupted(tmp_path / "ref", ckpt_every=5)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(HERE / "_ddp_toy.py"), "kill", str(run), "13",
-                           str(torch.get_num_threads())],
-                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == -9, proc.stderr
+    # forked: the same thread count and imports as this process, no second start-up of torch
+    proc = multiprocessing.get_context("fork").Process(target=_fit_killed_at, args=(13, run))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == -signal.SIGKILL, proc.exitcode
     assert load_checkpoint(run / "last.pt")["step"] == 10
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
     model = toy.toy_model(seed=7)
@@ -389,21 +409,32 @@ def test_history_without_csv_and_plot_on_given_axes():
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "_ddp_toy.py"), "ddp", str(tmp_path)]
-    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120,
+           str(HERE / "_ddp_toy.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), f"{k} differs between ranks"
     assert not torch.equal(r0["state"]["head.weight"], toy.toy_model(0).head.weight.detach())
-    # evaluation on both ranks, each over its shard; the mean loss terms come back reduced
-    assert r0["final"] and r0["final"] == r1["final"]
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ck["step"] == 12 and ck["data"]["world_size"] == 2 and len(ck["rng"]) == 2
     assert sorted(os.listdir(tmp_path / "run")) == ["history.png", "last.pt", "metrics.csv"]
     assert torch.equal(ck["model"]["head.weight"], r0["state"]["head.weight"])
-
+    # Evaluation ran on both ranks, each over its shard (8 + 7 of the 15 val samples), and the
+    # metric came back reduced: both ranks hold the whole set's, which one process reproduces.
+    assert r0["final"] == r1["final"] and r0["final"]["n"] == 15
+    assert [r for r in r0["rows"] if "lr" not in r] == [r for r in r1["rows"] if "lr" not in r]
+    model = toy.toy_model(unused=True)
+    model.load_state_dict(r0["state"])
+    with num_threads(1):
+        one = evaluate(model, toy.toy_val(), toy.toy_cfg(), toy.toy_loss, toy.toy_metric)
+    assert one == r0["final"]
+    eval_rows = [r["step"] for r in r0["rows"] if "lr" not in r]
+    assert eval_rows == [6, 12] and ck["log"]["final"] == r0["final"]
+    # without a metric_fn: the mean loss terms, summed over both ranks' batches
+    assert r0["loss_eval"] == r1["loss_eval"] and set(r0["loss_eval"]) == {
+        "val_loss", "val_ce", "val_acc"}
 
 
 def test_history_plot_is_a_figure_pyplot_shows_and_fit_adds_none(tmp_path):
