@@ -100,7 +100,19 @@ c.Autograde.exclude_overwriting = {}
 # ---- release and feedback ----------------------------------------------------------------------
 c.GenerateAssignment.post_convert_hook = hooks.drop_instructor_files_from_release
 c.GenerateFeedback.preprocessors = [GetGrades, hooks.ScrubHiddenTracebacks, ClearHiddenTests,
-                                    CSSHTMLHeaderPreprocessor]
+                                    hooks.PrerenderMath, CSSHTMLHeaderPreprocessor]
+# Feedback pages work offline: the math is MathML (PrerenderMath, drawn by the browser itself) and
+# the template templates/vitseg_feedback (= nbgrader's feedback template without nbconvert's
+# MathJax <script> from a CDN) loads nothing from the network.
+import nbgrader as _nbgrader
+
+c.HTMLExporter.template_name = "vitseg_feedback"
+c.HTMLExporter.extra_template_basedirs = [
+    os.path.join(HERE, "templates"),
+    os.path.join(os.path.dirname(_nbgrader.__file__), "server_extensions", "formgrader",
+                 "templates")]
+# feedback/<student>/<assignment>/ keeps the feedback pages (and nbgrader's timestamp.txt) only:
+# no grader, no copy of the library, nothing the learner's kernel wrote.
 c.GenerateFeedback.post_convert_hook = hooks.drop_instructor_files_from_feedback
 
 # ---- optional: JupyterHub exchange (not needed for the offline workflow) -----------------------

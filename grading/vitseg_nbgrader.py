@@ -580,9 +580,37 @@ def drop_instructor_files_from_release(assignment: str, student: str, notebooks:
     _remove_grader_dirs(os.path.join(course_root(), "release", assignment, GRADER_DIR))
 
 
+# What a feedback folder keeps: the learner's feedback pages, and nbgrader's timestamp.txt
+# (`nbgrader release_feedback` reads it). Everything else nbgrader copied from autograded/ (the
+# student-edition library, files the learner's notebook wrote, the grader's inputs) is removed.
+FEEDBACK_KEEP = ("*.html", "timestamp.txt")
+
+
+def strip_feedback_folder(folder: str) -> list[str]:
+    """Remove everything in ``folder`` but the feedback pages and timestamp.txt; returns the
+    removed paths (top level)."""
+    import fnmatch
+
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.islink(path) and os.path.isfile(path) and any(
+                fnmatch.fnmatch(name, k) for k in FEEDBACK_KEEP):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        removed.append(path)
+    return removed
+
+
 def drop_instructor_files_from_feedback(assignment: str, student: str, notebooks: list[str]) -> None:
-    """``GenerateFeedback.post_convert_hook``: feedback/<s>/<a>/ must not carry the grader."""
-    _remove_grader_dirs(os.path.join(course_root(), "feedback", "*", assignment, GRADER_DIR))
+    """``GenerateFeedback.post_convert_hook``: feedback/<s>/<a>/ holds the learner's feedback
+    pages only (no grader, no copy of the library, nothing the kernel wrote)."""
+    for folder in glob.glob(os.path.join(course_root(), "feedback", "*", assignment)):
+        if os.path.isdir(folder):
+            strip_feedback_folder(folder)
 
 
 # ==================================================================== feedback: scrub tracebacks
@@ -638,4 +666,85 @@ class ScrubHiddenTracebacks(_Base):  # type: ignore[misc,valid-type]
         for cell in nb.cells:
             if cell.get("cell_type") == "code":
                 scrub_outputs(cell, secrets)
+        return nb, resources
+
+
+# ==================================================================== feedback: math, offline
+
+# A formula in a markdown cell: $$display$$ or $inline$ (not \$, not inside `code`).
+_MATH = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<![\\$])\$(?!\s)((?:\\.|[^$\\\n]|\n(?!\s*\n))+?)"
+                   r"(?<!\s)(?<!\\)\$(?!\d)", re.DOTALL)
+_CODE = re.compile(r"^(```|~~~).*?^\1[^\n]*$|(`+)(?:.+?)\2", re.DOTALL | re.MULTILINE)
+# characters markdown acts on inside a line, as entities (MathML text never starts a line)
+_MD_SPECIAL = {c: f"&#{ord(c)};" for c in "*_`[]~|$\\"}
+_MD_SPECIAL.update({"<": "&lt;", ">": "&gt;"})
+
+
+def _md_safe(text: str) -> str:
+    """Entity-escape the characters markdown would act on (in MathML text nodes)."""
+    return "".join(_MD_SPECIAL.get(ch, ch) for ch in text)
+
+
+def tex_to_html(tex: str, display: bool) -> str:
+    """One formula as MathML (latex2mathml), safe to leave inside markdown; a formula it cannot
+    convert (or no latex2mathml) is shown as its TeX source in <code>, never as a script."""
+    try:
+        from latex2mathml.converter import convert
+
+        mathml = convert(tex.strip(), display="block" if display else "inline")
+    except Exception:  # noqa: BLE001 - any conversion failure: show the source instead
+        body = _md_safe(tex.replace("&", "&amp;")).replace("\n", " ")
+        return f'<code class="vitseg-tex">{body}</code>'
+    mathml = mathml.replace(' xmlns="http://www.w3.org/1998/Math/MathML"', "")
+    # text between tags: entities for what markdown would read as emphasis, links, escapes
+    mathml = re.sub(r">([^<]+)<", lambda m: ">" + _md_safe(m.group(1)) + "<", mathml)
+    return mathml.replace("\n", " ")
+
+
+def prerender_math(markdown: str) -> tuple[str, int]:
+    """Every $…$ / $$…$$ of a markdown text (outside code) as MathML; returns (text, count)."""
+    out, n, last = [], 0, 0
+
+    def convert(chunk: str) -> str:
+        nonlocal n
+
+        def one(m: re.Match) -> str:
+            nonlocal n
+            n += 1
+            if m.group(1) is not None:
+                return tex_to_html(m.group(1), display=True)
+            return tex_to_html(m.group(2), display=False)
+
+        return _MATH.sub(one, chunk)
+
+    for m in _CODE.finditer(markdown):
+        out.append(convert(markdown[last:m.start()]))
+        out.append(m.group(0))
+        last = m.end()
+    out.append(convert(markdown[last:]))
+    return "".join(out), n
+
+
+class PrerenderMath(_Base):  # type: ignore[misc,valid-type]
+    """Feedback preprocessor: the math of markdown cells (and text/markdown or text/latex
+    outputs) becomes MathML, which every current browser draws without a script. The feedback
+    template (templates/vitseg_feedback) loads no MathJax: the page works offline."""
+
+    def preprocess(self, nb, resources):
+        for cell in nb.cells:
+            if cell.get("cell_type") == "markdown":
+                cell["source"], _ = prerender_math(_source(cell))
+            for out in cell.get("outputs", []):
+                data = out.get("data") if isinstance(out, dict) else None
+                if not isinstance(data, dict):
+                    continue
+                if "text/markdown" in data:
+                    text = data["text/markdown"]
+                    data["text/markdown"], _ = prerender_math(
+                        "".join(text) if isinstance(text, list) else text)
+                if "text/latex" in data and "text/html" not in data:
+                    text = data["text/latex"]
+                    text = "".join(text) if isinstance(text, list) else text
+                    html, k = prerender_math(text)
+                    data["text/html"] = html if k else tex_to_html(text.strip("$"), True)
         return nb, resources

@@ -119,6 +119,7 @@ def worker_course(course: Path, a: str, student: str, where: Path | None = None)
         shutil.rmtree(w)
     w.mkdir(parents=True)
     for name in COURSE_FILES:
+        (w / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(course / name, w / name)
     for part in ("source", "release"):
         shutil.copytree(course / part / a, w / part / a, symlinks=True)

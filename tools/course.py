@@ -35,6 +35,8 @@ COURSE_FILES = {
     "vitseg_sandbox.py": GRADING / "vitseg_sandbox.py",
     "kernel_guard.py": GRADING / "kernel_guard.py",
     "vitseg_edition.py": ROOT / "tools" / "edition.py",
+    **{f"templates/vitseg_feedback/{f.name}": f
+       for f in sorted((GRADING / "templates" / "vitseg_feedback").iterdir()) if f.is_file()},
 }
 _CHAPTER = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -154,6 +156,7 @@ def build_course(course: Path = DEFAULT_COURSE, *, quiet: bool = True) -> dict[s
     course = course.resolve()
     course.mkdir(parents=True, exist_ok=True)
     for name, src in COURSE_FILES.items():
+        (course / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, course / name)
     found = chapter_notebooks()
     if not found:

@@ -14,8 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-from tools.autograding import autograde
-from tools.course import DEMO_COURSE, build_course, chapter_notebooks
+from tools.autograding import WORKERS, autograde
+from tools.course import DEMO_COURSE, build_course, chapter_notebooks, nbgrader
 from tools.feedback import feedback
 from tools.results import exercise_points, gradebook_scores, score_table
 from tools.submissions import (
@@ -128,3 +128,73 @@ def bench_parallel(course: Path, a: str, learners: int, jobs_list: tuple[int, ..
         out["ratio_2_over_1"] = round(out["runs"][2]["per_minute"] / out["runs"][1]["per_minute"],
                                       2)
     return out
+
+
+# ============================================================ a reference learner in a real course
+
+REFERENCE_LEARNER = "reference-check"
+
+
+def add_reference_learner(course: Path, assignments: list[str], student: str = REFERENCE_LEARNER,
+                          *, jobs: int | None = None, env: dict | None = None,
+                          with_feedback: bool = True, remove: bool = False
+                          ) -> tuple[str, bool, dict]:
+    """The instructors' check on a real course: submit the reference solutions of each chapter
+    in ``assignments`` as learner ``student``, autograde them in the course (its gradebook, its
+    sandbox, its config), generate the feedback, and require full marks in every chapter (no
+    cell left to grade by hand).
+
+    ``python -m tools.grading add-reference-learner [ch01 ...]`` (exit 1 unless full marks).
+    The learner stays in the gradebook, the grade export and ``feedback/`` unless ``remove``:
+    then, if the check passed, it is taken out again (``nbgrader db student remove --force`` and
+    its folders). Returns (report text, ok, {assignment: (score, max_score, expected)}).
+    """
+    course = course.resolve()
+    if not (course / "gradebook.db").exists() or not (course / "source").is_dir():
+        raise SystemExit(f"{course} is not a built course: run `python -m tools.grading build` "
+                         "first (or pass --course)")
+    results: dict[str, tuple[float, float, float]] = {}
+    for a in assignments:
+        submit(course, student, a, reference_submission(course, a))
+        autograde(course, a, student, env=env, jobs=jobs)
+        if with_feedback:
+            feedback(course, a, student)
+        pts = exercise_points(course, a)
+        expected = sum(sum(v.values()) for v in pts.values())
+        got = gradebook_scores(course).get((student, a))
+        if got is None:
+            results[a] = (float("nan"), float("nan"), expected)
+            continue
+        manual = got["needs_manual_grade"]
+        results[a] = (got["score"], got["max_score"] if not manual else float("nan"), expected)
+    ok = all(s == m == e and e > 0 for s, m, e in results.values())
+    lines = [f"reference learner '{student}' in {course}:"]
+    for a, (s, m, e) in results.items():
+        verdict = "OK" if s == m == e and e > 0 else "NOT FULL MARKS"
+        lines.append(f"  {a}: {s:g}/{m:g} (the notebook's test cells hold {e:g}) {verdict}")
+        if verdict != "OK":
+            lines.append(f"    see {course / 'autograded' / student / a} and "
+                         f"{course / 'reports' / a}")
+    if with_feedback:
+        lines.append(f"  feedback: {course / 'feedback' / student}/<chapter>/*.html")
+    if remove and ok:
+        remove_learner(course, student)
+        lines.append(f"  removed '{student}' again (gradebook, submitted/, autograded/, "
+                     "feedback/)")
+    else:                           # a failed check keeps its graded notebooks to look at
+        lines.append(f"  '{student}' stays in the gradebook and the grade export; take it out "
+                     f"with: cd {course} && nbgrader db student remove {student} --force")
+    return "\n".join(lines), ok, {"scores": results}
+
+
+def remove_learner(course: Path, student: str) -> None:
+    """Take ``student`` out of the course: gradebook (with its grades) and its folders."""
+    nbgrader(course, "db", "student", "remove", student, "--force", capture=True)
+    for part in ("submitted", "autograded", "feedback", "preflight/originals"):
+        folder = course / part / student
+        if folder.exists():
+            shutil.rmtree(folder)
+    for rep in (course / "reports").glob(f"*/preflight/{student}.json"):
+        rep.unlink()
+    for w in (course / WORKERS).glob(f"*/{student}"):
+        shutil.rmtree(w)

@@ -6,11 +6,12 @@
            [--jobs N]                              #   N learners at once, one gradebook writer
     python -m tools.grading feedback [ch01 ...]    # nbgrader generate_feedback + leak check
     python -m tools.grading scores [--csv F]       # per-exercise table from the gradebook
-    python -m tools.grading export [--to F]        # nbgrader's grades.csv (+ per-exercise CSV)
+    python -m tools.grading export [--to F]        # <course>/reports/grades.csv (+ per-cell CSV)
     python -m tools.grading review                 # submissions flagged by the monkeypatch scan
     python -m tools.grading sandbox                # the grading kernel's sandbox mode and limits
     python -m tools.grading slurm ch01             # SLURM job-array scripts for a whole class
     python -m tools.grading demo                   # reference / empty / buggy / hidden-only learners
+    python -m tools.grading add-reference-learner [ch01 ...]  # check a real course: full marks?
     python -m tools.grading bench [--parallel N]   # seconds per learner; learners/min, 1 vs 2 jobs
 
 The work is done by one module per job: ``tools.course`` (the course folder and its build),
@@ -52,10 +53,21 @@ from tools.course import (
     undefined_names,
 )
 from tools.course import sandbox as sandbox_module
-from tools.demo import DEMO_STUDENTS, bench, bench_parallel, demo, expected_demo
-from tools.feedback import feedback, find_leaks, secret_lines
+from tools.demo import (
+    DEMO_STUDENTS,
+    REFERENCE_LEARNER,
+    add_reference_learner,
+    bench,
+    bench_parallel,
+    demo,
+    expected_demo,
+    remove_learner,
+)
+from tools.feedback import feedback, feedback_problems, find_leaks, secret_lines
 from tools.results import (
     exercise_points,
+    export_grades,
+    exports_dir,
     gradebook_scores,
     review_rows,
     score_table,
@@ -82,7 +94,9 @@ __all__ = [
     "DEMO_COURSE",
     "DEMO_STUDENTS",
     "HIDDEN_ONLY",
+    "REFERENCE_LEARNER",
     "Mutation",
+    "add_reference_learner",
     "autograde",
     "autograde_parallel",
     "bench",
@@ -98,7 +112,9 @@ __all__ = [
     "empty_submission",
     "exercise_points",
     "expected_demo",
+    "export_grades",
     "feedback",
+    "feedback_problems",
     "find_leaks",
     "grade_one",
     "gradebook_scores",
@@ -110,6 +126,7 @@ __all__ = [
     "nbgrader",
     "preflight",
     "reference_submission",
+    "remove_learner",
     "review_rows",
     "sandbox_module",
     "sandbox_report",
@@ -192,16 +209,15 @@ def cmd_feedback(course: Path, a: argparse.Namespace) -> int:
 def cmd_scores(course: Path, a: argparse.Namespace) -> int:
     print(score_table(course))
     if a.csv:
-        write_scores_csv(course, a.csv)
-        print(f"per-cell scores: {a.csv}")
+        path = a.csv if a.csv.is_absolute() else exports_dir(course) / a.csv
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_scores_csv(course, path)
+        print(f"per-cell scores: {path}")
     return 0
 
 
 def cmd_export(course: Path, a: argparse.Namespace) -> int:
-    to = a.to.resolve()
-    nbgrader(course, "export", "--to", str(to))
-    cells = to.with_name(to.stem + "-cells.csv")
-    write_scores_csv(course, cells)
+    to, cells = export_grades(course, a.to)
     print(f"grades: {to}\nper-cell scores: {cells}")
     return 0
 
@@ -229,6 +245,13 @@ def cmd_demo(course: Path, a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_add_reference_learner(course: Path, a: argparse.Namespace) -> int:
+    text, ok, _ = add_reference_learner(course, assignments(a.assignments), a.student,
+                                        jobs=a.jobs, remove=a.remove)
+    print(text)
+    return 0 if ok else 1
+
+
 def cmd_bench(course: Path, a: argparse.Namespace) -> int:
     if a.parallel:
         res = bench_parallel(course, a.assignment or next(iter(chapter_notebooks())), a.parallel)
@@ -248,6 +271,7 @@ COMMANDS = {
     "autograde": cmd_autograde, "grade-one": cmd_grade_one, "merge": cmd_merge,
     "slurm": cmd_slurm, "feedback": cmd_feedback, "scores": cmd_scores, "export": cmd_export,
     "review": cmd_review, "sandbox": cmd_sandbox, "demo": cmd_demo, "bench": cmd_bench,
+    "add-reference-learner": cmd_add_reference_learner,
 }
 
 
@@ -281,13 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, default=None)
             p.add_argument("--parallel", type=int, default=64, help="array tasks at once")
     p = sub.add_parser("scores", help="score table from the gradebook")
-    p.add_argument("--csv", type=Path, default=None, help="also write per-cell scores here")
-    p = sub.add_parser("export", help="nbgrader export (grades.csv) + per-cell CSV")
-    p.add_argument("--to", type=Path, default=Path("grades.csv"))
+    p.add_argument("--csv", type=Path, default=None,
+                   help="also write per-cell scores to this file (relative: inside "
+                        "<course>/reports/)")
+    p = sub.add_parser("export", help="nbgrader export (grades.csv) + per-cell CSV, into "
+                                      "<course>/reports/")
+    p.add_argument("--to", type=Path, default=None,
+                   help="file name (default grades.csv); a relative path is taken inside "
+                        "<course>/reports/, never the current directory")
     sub.add_parser("review", help="write reports/review.csv (scan findings + repairs)")
     sub.add_parser("sandbox", help="the grading kernel's sandbox mode and limits on this machine")
     p = sub.add_parser("demo", help="reference / empty / buggy / hidden-only, autograded, table")
     p.add_argument("--jobs", type=int, default=None)
+    p = sub.add_parser("add-reference-learner",
+                       help="a real course's check: the reference solutions as one more learner, "
+                            "autograded and given feedback there; exit 1 unless full marks")
+    p.add_argument("assignments", nargs="*", help="chapters (default: all)")
+    p.add_argument("--student", default=REFERENCE_LEARNER,
+                   help=f"the learner id (default {REFERENCE_LEARNER})")
+    p.add_argument("--jobs", type=int, default=None)
+    p.add_argument("--remove", action="store_true",
+                   help="take the learner out of the gradebook and the folders after the check")
     p = sub.add_parser("bench", help="time to autograde one learner's course")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--parallel", type=int, default=0, metavar="LEARNERS",

@@ -118,3 +118,25 @@ def write_review_csv(course: Path, path: Path | None = None) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def exports_dir(course: Path) -> Path:
+    """Where grade files go by default: ``<course>/reports/`` (inside the course folder, which is
+    git-ignored for the default ``grading/course/``: grades never land in the repository)."""
+    return course.resolve() / "reports"
+
+
+def export_grades(course: Path, to: Path | None = None) -> tuple[Path, Path]:
+    """``nbgrader export`` to ``to`` (default ``<course>/reports/grades.csv``) and the per-cell
+    scores next to it (``<stem>-cells.csv``). A relative ``to`` is taken relative to the course
+    folder's ``reports/``, not to the current directory. Returns (grades, cells)."""
+    from tools.course import nbgrader
+
+    base = exports_dir(course)
+    to = Path(to) if to is not None else Path("grades.csv")
+    to = (to if to.is_absolute() else base / to).resolve()
+    to.parent.mkdir(parents=True, exist_ok=True)
+    nbgrader(course, "export", "--to", str(to), capture=True)
+    cells = to.with_name(to.stem + "-cells.csv")
+    write_scores_csv(course, cells)
+    return to, cells
