@@ -41,6 +41,10 @@ LAB_SETTINGS = {
 
 ERROR_MIME = "application/vnd.jupyter.error"
 STDERR_MIME = "application/vnd.jupyter.stderr"
+STDOUT_MIME = "application/vnd.jupyter.stdout"
+# How a failure message names an output, by the data-mime-type JupyterLab gives its node.
+OUTPUT_KINDS = {ERROR_MIME: "error output", STDERR_MIME: "stderr (red box)",
+                STDOUT_MIME: "stdout"}
 
 
 class LabError(AssertionError):
@@ -301,16 +305,72 @@ class Notebook:
                 stalled_since = stalled_since or time.monotonic()
                 if time.monotonic() - stalled_since > 15:
                     first = next(i for i, p in enumerate(prompts) if not numbered.match(p))
-                    src = self.code_cells.nth(first).locator(".jp-InputArea-editor").inner_text()
                     raise self.fail(f"Run All stopped at code cell {first} without an error "
-                                    f"output ({last}); its source: {src[:300]!r}")
+                                    f"output ({last}).\n{self.stop_report(first)}")
             else:
                 stalled_since = None
             time.sleep(1.0)
         errors = self.error_outputs()
         if errors:
-            raise self.fail(f"Run All stopped on an error: {errors[0][:2000]}")
-        raise self.fail(f"Run All not finished after {timeout:.0f} s ({last})")
+            raise self.fail(f"Run All stopped on an error:\n{self.stop_report()}")
+        raise self.fail(f"Run All not finished after {timeout:.0f} s ({last})\n"
+                        f"{self.stop_report()}")
+
+    def _cell(self, cell):
+        return self.code_cells.nth(cell) if isinstance(cell, int) else cell
+
+    def outputs_of(self, cell) -> list[tuple[str, str]]:
+        """(kind, text) of every output a code cell (index or locator) shows: 'error output',
+        'stderr (red box)', 'stdout' or the MIME type of a rich output (image/png, widget…)."""
+        outs = self._cell(cell).locator(".jp-OutputArea-output")
+        shown = []
+        for k in range(outs.count()):
+            o = outs.nth(k)
+            mime = o.get_attribute("data-mime-type") or "(no mime type)"
+            text = o.inner_text() if mime.startswith(("text/", "application/vnd.jupyter")) \
+                else ""
+            shown.append((OUTPUT_KINDS.get(mime, mime), text))
+        return shown
+
+    def describe_cell(self, cell, chars: int = 1500) -> str:
+        """A code cell (index or locator) as the page shows it: prompt, source head, and each
+        output's kind and text (what a failure message must say, e.g. an error that JupyterLab
+        shows as stderr rather than as an error output)."""
+        c = self._cell(cell)
+        prompt = c.locator(".jp-InputPrompt").inner_text().strip()
+        src = c.locator(".jp-InputArea-editor").inner_text()
+        outs = self.outputs_of(c)
+        shown = "\n".join(f"    [{kind}] {text[:chars]!r}" if text else f"    [{kind}]"
+                          for kind, text in outs) or "    (no output)"
+        where = f"code cell {cell}" if isinstance(cell, int) else "code cell"
+        return f"{where} {prompt} {src[:200]!r}, {len(outs)} output(s):\n{shown}"
+
+    def problem_cells(self, limit: int = 5) -> list[int]:
+        """Indices of the code cells showing an error output or stderr (first ``limit``)."""
+        bad = {OUTPUT_KINDS[ERROR_MIME], OUTPUT_KINDS[STDERR_MIME]}
+        found = []
+        for i in range(self.code_cells.count()):
+            if {k for k, _ in self.outputs_of(i)} & bad:
+                found.append(i)
+                if len(found) >= limit:
+                    break
+        return found
+
+    def problem_report(self) -> str:
+        """Every cell with an error output or stderr, described (or a line saying none)."""
+        cells = self.problem_cells()
+        return ("\n".join(self.describe_cell(i) for i in cells) if cells
+                else "(no cell shows an error output or stderr)")
+
+    def stop_report(self, first: int | None = None) -> str:
+        """What the page shows where Run All stopped: the last cell that ran (highest execution
+        count), the first cell that did not (``first``), and every cell with an error output or
+        stderr, each with its outputs' kinds and text."""
+        counts = {i: int(m.group(1)) for i, p in enumerate(self.prompts())
+                  if (m := re.match(r"^\[(\d+)\]:$", p))}
+        picked = [max(counts, key=counts.get)] if counts else []
+        picked += ([first] if first is not None else []) + self.problem_cells()
+        return "\n".join(self.describe_cell(i) for i in dict.fromkeys(picked))
 
     def error_outputs(self) -> list[str]:
         return self.panel.locator(

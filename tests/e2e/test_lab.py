@@ -68,8 +68,7 @@ def _open_and_run_all(lab, page, shots, timings, name: str) -> Notebook:
     timings[f"{nb.name}: slowest code cells (index: ~seconds)"] = {
         str(i): round(t, 1) for i, t in sorted(took.items(), key=lambda x: -x[1])[:3]}
     nb.shot("after-run-all")
-    errors = nb.error_outputs()
-    assert not errors, f"{name}: error output after Run All:\n{errors[0][:3000]}"
+    assert not nb.error_outputs(), f"{name}: error output after Run All:\n{nb.problem_report()}"
     return nb
 
 
@@ -77,9 +76,8 @@ def _assert_clean(nb: Notebook) -> None:
     """Nothing on stderr anywhere (warnings included: a learner sees them as a red box) and no
     uncaught error in the page. Checked at the end of a test, so that the explorer is still
     exercised when a warning shows."""
-    stderr = nb.stderr_outputs()
-    assert not stderr, f"{nb.name}: stderr output in the notebook:\n" + "\n---\n".join(
-        s[:1000] for s in stderr)
+    assert not nb.stderr_outputs(), (f"{nb.name}: stderr output in the notebook:\n"
+                                     f"{nb.problem_report()}")
     page_errors = [m for m in nb.console if m.startswith("pageerror")]
     assert not page_errors, f"{nb.name}: uncaught errors in the page: {page_errors[:5]}"
 
@@ -87,7 +85,7 @@ def _assert_clean(nb: Notebook) -> None:
 def _state(nb: Notebook, probe) -> dict:
     out = nb.run_cell(probe)
     m = re.search(r"^STATE (\{.*\})$", out, re.MULTILINE)
-    assert m, f"the probe cell printed no state: {out[:2000]!r}"
+    assert m, f"the probe cell printed no state; the page shows:\n{nb.describe_cell(probe)}"
     return json.loads(m.group(1))
 
 
@@ -203,7 +201,7 @@ def test_chapter_runs_clean_and_its_explorer_follows_its_controls(ch: Chapter, l
     _need(name)
     nb = _open_and_run_all(lab, page, shots, timings, name)
     DRIVES[ch.explorer.split(":")[1]](nb, timings)
-    assert not nb.error_outputs(), nb.error_outputs()[0][:3000]
+    assert not nb.error_outputs(), f"{name}: error output after the explorer:\n{nb.problem_report()}"
     nb.shot("end")
     _assert_clean(nb)
 
