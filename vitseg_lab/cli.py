@@ -47,19 +47,94 @@ def _parse_bool(v: str) -> bool:
 
 
 def _field_type(tp):
-    """The argparse converter for a dataclass field type (None: not settable from the CLI)."""
-    origin = typing.get_origin(tp)
+    """The argparse converter for a dataclass field type (None: not settable from the CLI).
+
+    Scalars as themselves (``true``/``false`` for bools); ``X | None`` as ``X``; a union of
+    scalars (``bool | str``) tries each in turn, strings last. Tuples: comma-separated
+    (``--out_layers 5,7,11``); a fixed-length tuple checks the count; a tuple of tuples separates
+    its members with ``;`` (``--anchor_sizes 12,16;24;40`` -> ``((12, 16), (24,), (40,))``).
+    A Python literal works for any tuple (``--anchor_sizes "((12, 16), (24,), (40,))"``).
+    """
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        tp = args[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if len(args) == 1:
+            return _field_type(args[0])
+        convs = [_field_type(a) for a in sorted(args, key=lambda a: a is str)]  # str: last resort
+        if not args or any(c is None or typing.get_origin(a) is tuple
+                           for a, c in zip(args, convs)):
+            return None
+        return _named(lambda s: _first_that_parses(convs, s), " | ".join(
+            getattr(a, "__name__", str(a)) for a in args))
     if tp is bool:
         return _parse_bool
     if tp in (int, float, str):
         return tp
     if typing.get_origin(tp) is tuple:
-        inner = (typing.get_args(tp) or (str,))[0]
-        return lambda s: tuple(inner(x) for x in s.split(","))
+        return _named(lambda s: _parse_tuple(tp, s), _type_name(tp))
     return None
+
+
+def _named(fn, name: str):
+    fn.__name__ = name  # argparse names the type in its "invalid ... value" message
+    return fn
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _first_that_parses(convs, s: str):
+    for conv in convs:
+        try:
+            return conv(s)
+        except (ValueError, argparse.ArgumentTypeError):
+            continue
+    raise ValueError(s)
+
+
+def _tuple_members(tp) -> tuple[list, bool]:
+    """(member types, variadic) of a tuple type: tuple[int, ...] -> ([int], True)."""
+    targs = typing.get_args(tp)
+    if not targs:
+        return [str], True
+    if len(targs) == 2 and targs[1] is Ellipsis:
+        return [targs[0]], True
+    return list(targs), False
+
+
+def _parse_tuple(tp, value):
+    """``value`` (a CLI string, or a parsed literal's list/tuple) -> a tuple of type ``tp``."""
+    import ast
+
+    members, variadic = _tuple_members(tp)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("(", "[")):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as e:
+                raise argparse.ArgumentTypeError(f"{value!r} is not a Python tuple literal") from e
+            if not isinstance(value, (list, tuple)):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a tuple")
+        else:
+            nested = any(typing.get_origin(m) is tuple for m in members)
+            value = [] if not text else [x.strip() for x in text.split(";" if nested else ",")]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    if not variadic and len(value) != len(members):
+        raise argparse.ArgumentTypeError(
+            f"{_type_name(tp)} takes {len(members)} values, got {len(value)}: {value!r}")
+    out = []
+    for i, x in enumerate(value):
+        m = members[0] if variadic else members[i]
+        if typing.get_origin(m) is tuple:
+            out.append(_parse_tuple(m, x))
+            continue
+        conv = _field_type(m)
+        if conv is None:
+            raise argparse.ArgumentTypeError(f"{_type_name(tp)} cannot be set from the CLI")
+        out.append(conv(str(x)))  # a literal's 12 / 0.5 / True parse as the CLI's text would
+    return tuple(out)
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
@@ -96,6 +171,13 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
+    from .fastpath import single_gpu_on_mig
+
+    trains, mig = single_gpu_on_mig()  # torchrun on a MIG slice: rank 0 alone, single-GPU
+    if mig:
+        print(mig, file=sys.stderr)
+    if not trains:
+        return 0
     mod, cfg = _config(args)
     if args.scale == "full":  # before any weight or data set is touched: every missing piece
         missing = mod.full_scale_check(cfg)
@@ -154,7 +236,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        epilog="Every config field is a flag: --FIELD V or --train.FIELD V "
                               "(e.g. --train.lr 1e-3).")
     p.add_argument("chapter", choices=list(CHAPTERS))
-    p.add_argument("--scale", default="quick", choices=["smoke", "quick", "full"])
+    p.add_argument("--scale", default="quick", choices=["smoke", "quick", "full", "full-large"])
     if chapter in CHAPTERS:
         _add_config_flags(p, _chapter(chapter)[1])
     p.set_defaults(func=cmd_train)

@@ -66,9 +66,17 @@ def _set(obj: Any, path: list[str], value: Any, key: str) -> Any:
                        f"fields: {', '.join(sorted(names))}.")
     if len(path) > 1:
         value = _set(getattr(obj, path[0]), path[1:], value, key)
-    elif isinstance(value, list):
-        value = tuple(value)
+    else:
+        value = _tuples(value)
     return dataclasses.replace(obj, **{path[0]: value})
+
+
+def _tuples(value: Any) -> Any:
+    """Lists (JSON, YAML, a notebook's ``[[12], [24]]``) -> tuples, nested ones too: config
+    dataclasses hold tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
 
 
 # -- the task that runs on the cluster -----------------------------------------------------------

@@ -25,7 +25,8 @@ kernels or loader sizes itself. What the plan switches on, and why:
   measurement on that GPU) or ``VITSEG_SDPA=cudnn`` set. No GPU measurement has been committed
   yet, so the table is empty and PyTorch picks the kernel.
 - **MIG**: a MIG slice shows as one CUDA device and cannot join NCCL groups with other slices;
-  ``mig_message()`` says so in one line and ``gpus_for_run`` returns 1.
+  ``mig_message()`` says so in one line, ``gpus_for_run`` returns 1, and under ``torchrun``
+  ``single_gpu_on_mig()`` (the CLI's ``train``) lets rank 0 train alone.
 
 ``VITSEG_FAST=0`` turns the whole plan off (eager fp32, explicit attention): the baseline that
 ``benchmarks/bench_train_step.py`` measures the fast path against.
@@ -38,7 +39,7 @@ import functools
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ from torch import Tensor, nn
 __all__ = ["CUDNN_ATTENTION_MEASURED", "DEVICE_PEAK_BF16_TFLOPS", "FastPath", "autocast",
            "available_cpus", "channels_last", "device_peak", "forward_blocks", "gpus_for_run",
            "loader_kwargs", "maybe_compile", "mig_message", "optimizer", "plan", "prepare",
-           "sdpa_context", "set_sdpa"]
+           "sdpa_context", "set_sdpa", "single_gpu_on_mig"]
 
 #: Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets. Matched
 #: against ``torch.cuda.get_device_name()`` in this order (first substring that matches wins).
@@ -357,6 +358,27 @@ def mig_message(env: Mapping[str, str] | None = None, device_names: Sequence[str
         return None
     return ("MIG slice: it shows as one CUDA device and cannot join a multi-GPU (NCCL) group, "
             "so this runs single-GPU (nproc_per_node=1)")
+
+
+def single_gpu_on_mig(env: MutableMapping[str, str] | None = None,
+                      **mig_kwargs: Any) -> tuple[bool, str | None]:
+    """Several ``torchrun`` processes on a MIG slice -> (does this process train?, the MIG line).
+
+    Rank 0 trains single-GPU: its DDP variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``...) are
+    removed from ``env`` (``os.environ``), so ``fit()`` starts no process group; the other ranks
+    get False and should exit. One process, or no MIG: (True, None), ``env`` untouched."""
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return True, None
+    msg = mig_message(env=env, **mig_kwargs)
+    if not msg:
+        return True, None
+    if env.get("RANK", "0") != "0":
+        return False, msg
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "ROLE_RANK", "ROLE_WORLD_SIZE"):
+        env.pop(key, None)
+    return True, msg
 
 
 def gpus_for_run(requested: int, **mig_kwargs: Any) -> tuple[int, str | None]:

@@ -20,9 +20,13 @@ def gpu_line(slug: str, gpus: int = 1) -> str | None:
     if torch.cuda.is_available():
         return None
     ch = chapters.get(slug)
+    if gpus == 1:
+        cmd = f"`python -m vitseg_lab.cli train {slug} --scale full` on one GPU"
+    else:
+        cmd = (f"`torchrun --nproc_per_node {gpus} -m vitseg_lab.cli train {slug} --scale full` "
+               f"on {gpus} GPUs")
     return (f"a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full jupyter lab "
-            f"{ch.notebook}`, or `torchrun --nproc_per_node {gpus} -m vitseg_lab.cli train "
-            f"{slug} --scale full` on {gpus} GPUs.")
+            f"{ch.notebook}`, or {cmd}.")
 
 
 def missing_pieces(slug: str, model_name: str | None = None, gpus: int = 1) -> list[str]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -54,3 +56,31 @@ def test_eval_names_a_missing_or_foreign_checkpoint(tmp_path):
     assert cli.main(["train", "attention", "--scale", "smoke", "--train.out_dir", str(out)]) == 0
     with pytest.raises(SystemExit, match="chapter 'attention'"):
         cli.main(["eval", "segvit", "--ckpt", str(out / "last.pt")])
+
+
+def test_field_types_nested_fixed_and_union():
+    nested = cli._field_type(tuple[tuple[int, ...], ...])
+    assert nested("12,16;24;40") == ((12, 16), (24,), (40,))
+    assert nested("((12, 16), (24,), (40,))") == ((12, 16), (24,), (40,))
+    fixed = cli._field_type(tuple[float, float, float])
+    assert fixed("0.5, 0.25,1") == (0.5, 0.25, 1.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="takes 3 values, got 2"):
+        fixed("0.5,0.25")
+    assert cli._field_type(tuple[int, ...] | None)("5,7,11") == (5, 7, 11)
+    assert cli._field_type(tuple[str, ...])("") == ()
+    either = cli._field_type(bool | str)
+    assert either("false") is False and either("norm") == "norm"
+    assert cli._field_type(dict) is None
+
+
+def test_nested_tuple_flag_reaches_the_config():
+    p = cli.build_parser(["train", "zeroshot"])
+    args = p.parse_args(["train", "zeroshot", "--anchor_sizes", "12,16;24;40", "--scale", "smoke"])
+    _, cfg = cli._config(args)
+    assert cfg.anchor_sizes == ((12, 16), (24,), (40,))
+    with pytest.raises(SystemExit):  # argparse: "invalid tuple[...] value", exit 2
+        p.parse_args(["train", "zeroshot", "--anchor_sizes", "12,x"])
+    from vitseg_lab import cluster
+
+    cfg = cluster.configure("zeroshot", "smoke", {"anchor_sizes": [[12, 16], [24]]})
+    assert cfg.anchor_sizes == ((12, 16), (24,))

@@ -183,6 +183,35 @@ def test_mig_is_detected_and_runs_single_gpu():
     assert n == 1 and msg.startswith("MIG slice")
 
 
+def test_torchrun_on_a_mig_slice_trains_on_rank_0_alone():
+    mig = "MIG-4f1b2c3d-0000-5555-aaaa-123456789abc"
+    ddp = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "29500"}
+    rank1 = {**ddp, "RANK": "1", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": mig}
+    trains, msg = fastpath.single_gpu_on_mig(rank1, device_names=[], smi="")
+    assert not trains and msg.startswith("MIG slice") and rank1["WORLD_SIZE"] == "2"
+    rank0 = {**ddp, "RANK": "0", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": mig}
+    trains, msg = fastpath.single_gpu_on_mig(rank0, device_names=[], smi="")
+    # fit() reads WORLD_SIZE / RANK / LOCAL_RANK: without them it trains in one process
+    assert trains and msg and rank0 == {"MASTER_PORT": "29500", "CUDA_VISIBLE_DEVICES": mig}
+    whole = {**ddp, "RANK": "1", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert fastpath.single_gpu_on_mig(dict(whole), device_names=["NVIDIA H100"], smi="") == (
+        True, None)
+    one = {"CUDA_VISIBLE_DEVICES": mig}
+    assert fastpath.single_gpu_on_mig(one, device_names=[], smi="") == (True, None)
+
+
+def test_gpu_line_says_gpu_or_gpus(monkeypatch):
+    from vitseg_lab import fullscale
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one = fullscale.gpu_line("afa", 1)
+    assert one.endswith("on one GPU.") and "GPUs" not in one and "torchrun" not in one
+    eight = fullscale.gpu_line("segvit", 8)
+    assert "torchrun --nproc_per_node 8 " in eight and eight.endswith("on 8 GPUs.")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fullscale.gpu_line("segvit", 8) is None
+
+
 @pytest.mark.parametrize("name, label, tflops", [
     ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM", 989), ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756),
     ("NVIDIA H200", "NVIDIA H200 SXM", 989), ("NVIDIA A100-SXM4-80GB", "NVIDIA A100", 312),
