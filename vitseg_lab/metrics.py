@@ -7,6 +7,10 @@ mmsegmentation report it.
 
 Shapes: K classes; pred and target share any shape (B, H, W), (H, W)... of integer class ids;
 ``ignore_index`` (255 by default) marks unlabelled pixels in target.
+
+Under DDP, ``fit`` evaluates each process's ``shard`` of the eval set inside ``sharded_eval``,
+where ``SegMeter.compute``, ``sum_over_ranks`` and ``gather_over_ranks`` reduce across the
+processes, so every chapter's metric is the whole set's, exactly (see the section at the end).
 """
 
 from __future__ import annotations
