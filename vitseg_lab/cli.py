@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 import types
@@ -188,6 +189,8 @@ def cmd_train(args) -> int:
     if result.skipped:
         print(result.skipped, file=sys.stderr)
         return EXIT_MISSING
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports (same metrics)
+        return 0
     print(result.summary())
     print({k: round(v, 4) if isinstance(v, float) else v
            for k, v in result.metrics.items() if isinstance(v, (int, float))})

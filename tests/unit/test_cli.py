@@ -84,3 +84,18 @@ def test_nested_tuple_flag_reaches_the_config():
 
     cfg = cluster.configure("zeroshot", "smoke", {"anchor_sizes": [[12, 16], [24]]})
     assert cfg.anchor_sizes == ((12, 16), (24,))
+
+
+def test_train_reports_on_rank_0_only(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    mod = chapters.get("segvit").load_module()
+    done = SimpleNamespace(skipped=None, summary=lambda: "SUMMARY", metrics={"mIoU": 0.5},
+                           checkpoint=None)
+    monkeypatch.setattr(mod, "run", lambda cfg: done)
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "segvit", "--scale", "smoke"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "segvit", "--scale", "smoke"]) == 0
+    assert "SUMMARY" in capsys.readouterr().out
