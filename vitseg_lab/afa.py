@@ -45,6 +45,7 @@ __all__ = [
     "attention_affinity",
     "build",
     "class_activation_maps",
+    "dense_crf",
     "dilated_neighbors",
     "full_scale_check",
     "load",
@@ -635,8 +636,8 @@ class AFAConfig:
     alpha: float = 2.0
     # schedule and loss weights. Quick scale: 70 classification-only steps (the CAMs must mean
     # something first), then 50 with PAR labels. The switch to random-walk labels is left to full
-    # scale (6,000 steps): after a few dozen steps from scratch the learned affinity is still weak
-    # and propagated labels scored *below* the CAM in our runs (the notebook measures it).
+    # scale (6,000 steps): on the quick 8x8 grid even an oracle affinity lowers the CAM, and the
+    # learned one is not semantic yet (benchmarks/diag_afa_rw.py; the notebook gives the numbers).
     cam_iters: int = 70
     rw_after: int = 120
     seg_weight: float = 0.1
@@ -822,7 +823,8 @@ def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
     what it refines). Full scale: one image at a time (VOC images differ in size)."""
     from .metrics import SegMeter
 
-    meters = {s: SegMeter(model.num_classes) for s in STAGES}
+    crf = bool(getattr(model.cfg, "crf", False))
+    meters = {s: SegMeter(model.num_classes) for s in STAGES + (("seg_crf",) if crf else ())}
     dev = next(model.parameters()).device
     for batch in loader:
         imgs, sems, labs = batch["image"], batch["semantic"], batch["labels"]
@@ -834,13 +836,40 @@ def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
             if model.cfg.dataset != "shapes":
                 img = _pad_to(img, model.backbone.patch_size)
             preds = stage_predictions(model, img, lab.to(dev).float())
+            h, w = sem.shape[-2:]
+            if crf:   # the released test script: softmax of the seg logits, then DenseCRF
+                probs = model.predict(img, model.cfg.eval_scales, model.cfg.eval_flip).softmax(1)
+                preds["seg_crf"] = torch.stack([dense_crf(i[:, :h, :w], p[:, :h, :w]).argmax(0)
+                                                for i, p in zip(img, probs)])
             for s, p in preds.items():
-                meters[s].update(p[..., :sem.shape[-2], :sem.shape[-1]].cpu(), sem.cpu())
+                meters[s].update(p[..., :h, :w].cpu(), sem.cpu())
     res = {f"{s}_mIoU": m.compute()["mIoU"] for s, m in meters.items()}
     res["mIoU"] = res["seg_mIoU"]
     res["gain_par"] = res["cam_par_mIoU"] - res["cam_mIoU"]
     res["gain_rw"] = res["rw_mIoU"] - res["cam_mIoU"]
+    if crf:
+        res["mIoU_crf"] = res["seg_crf_mIoU"]
     return res
+
+
+def dense_crf(image: Tensor, probs: Tensor, iters: int = 10) -> Tensor:
+    """DenseCRF post-processing with the released test script's settings (``pydensecrf``):
+    ``iters`` mean-field steps, a Gaussian kernel (xy std 3, weight 3) and a bilateral one
+    (xy std 64, rgb std 5, weight 4). image: (3, H, W) in [0, 1]; probs: (K, H, W) class
+    probabilities -> (K, H, W) refined probabilities (CPU, float32)."""
+    import numpy as np
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    K, H, W = probs.shape
+    crf = dcrf.DenseCRF2D(W, H, K)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(
+        probs.detach().float().cpu().numpy())))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    rgb = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    crf.addPairwiseBilateral(sxy=64, srgb=5, rgbim=np.ascontiguousarray(rgb.cpu().numpy()),
+                             compat=4)
+    return torch.from_numpy(np.array(crf.inference(iters), dtype=np.float32).reshape(K, H, W))
 
 
 def _pad_to(images: Tensor, p: int) -> Tensor:
