@@ -176,6 +176,7 @@ class Notebook:
         self.name = Path(path).stem
         self.console: list[str] = []
         self.cell_seconds: dict[int, float] = {}
+        self._t_open = time.monotonic()
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}")
                 if m.type in ("error", "warning") else None)
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
@@ -213,6 +214,7 @@ class Notebook:
         """Open the notebook in a workspace of its own (reset: no tab restored from an earlier
         page of this server) and wait until its kernel is idle."""
         Notebook._opened += 1
+        self._t_open = time.monotonic()
         ws = f"e2e-{os.getpid()}-{Notebook._opened}"
         self.page.goto(f"{self.server.url}/lab/workspaces/{ws}/tree/{self.path}?reset",
                        timeout=timeout * 1000)
@@ -277,7 +279,12 @@ class Notebook:
                 ".jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))",
                 timeout=30_000)
         except Exception as e:
-            raise self.fail("Run > Run All Cells started nothing within 30 s") from e
+            prompts = self.prompts()
+            shown = ", ".join(f"{p!r} x{prompts.count(p)}" for p in dict.fromkeys(prompts))
+            raise self.fail(f"Run > Run All Cells started nothing within 30 s: kernel "
+                            f"{self.kernel_status()!r}, {len(prompts)} code-cell prompts "
+                            f"({shown}); Run All clicked {t0 - self._t_open:.0f} s after opening the "
+                            "notebook began") from e
         deadline = t0 + timeout
         numbered = re.compile(r"^\[\d+\]:$")
         last = ""
