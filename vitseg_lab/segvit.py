@@ -427,7 +427,7 @@ class SegViTConfig:
     ``qd_index``, no final norm on the 1/32 tokens, QU, a single-stage ATM head whose
     ``layers_per_stage`` layers each predict and are supervised.
     ``global_batch_size``: when set, ``run`` uses ``global_batch_size // WORLD_SIZE`` images per
-    process (``train.batch_size`` is per process); None keeps ``train.batch_size``.
+    process (``train.batch_size`` is per process); None or 0 keeps ``train.batch_size``.
     """
 
     # backbone
@@ -634,9 +634,10 @@ def full_scale_check(cfg: SegViTConfig | None = None) -> str | None:
 
 def per_process_batch(cfg: SegViTConfig, world_size: int | None = None) -> SegViTConfig:
     """``cfg`` with ``train.batch_size = global_batch_size // world_size`` (the world size from
-    torchrun's ``WORLD_SIZE``, 1 without it); unchanged when ``global_batch_size`` is None.
+    torchrun's ``WORLD_SIZE``, 1 without it); unchanged when ``global_batch_size`` is None or 0
+    (``--global_batch_size 0`` on the CLI: ``train.batch_size`` is then used as given).
     Raises ValueError when the global batch does not split evenly over the processes."""
-    if cfg.global_batch_size is None:
+    if not cfg.global_batch_size:
         return cfg
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.global_batch_size % world:

@@ -439,6 +439,8 @@ def test_global_batch_is_split_over_the_processes(monkeypatch):
         segvit.per_process_batch(full, 3)
     q = segvit.SegViTConfig.quick()
     assert segvit.per_process_batch(q, 8) is q, "no global batch: the per-process one stays"
+    off = replace(full, global_batch_size=0)
+    assert segvit.per_process_batch(off, 8) is off
 
 
 def test_drop_cls_token_blocks_see_patch_tokens_only():
