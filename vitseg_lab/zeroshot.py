@@ -163,7 +163,11 @@ def vector_conv(pixels: Tensor, vectors: Tensor) -> Tensor:
         (R, K, h, w) mask logits, ``out[r, k, y, x] = Σ_d pixels[r, d, y, x] · vectors[k, d]``.
     """
     ### BEGIN SOLUTION
-    return torch.einsum("rdyx,kd->rkyx", pixels, vectors)
+    h, w = pixels.shape[-2:]
+    # (K, D) @ (R, D, h·w) -> (R, K, h·w): one batched matmul over all pixels, with no
+    # permuted copy of the (large) pixel block (torch.einsum made one for this layout).
+    logits = vectors @ pixels.flatten(2)
+    return logits.unflatten(2, (h, w))
     ### END SOLUTION
 
 
@@ -181,8 +185,10 @@ def unseen_mask_logits(seen_logits: Tensor, seen_vectors: Tensor,
         (R, 1 + U, h, w) unseen mask logits.
     """
     ### BEGIN SOLUTION
-    sem = torch.einsum("rkyx,kd->rdyx", seen_logits, seen_vectors)   # (R, D, M, M)
-    return torch.einsum("rdyx,ud->ruyx", sem, unseen_vectors)
+    h, w = seen_logits.shape[-2:]
+    sem = seen_vectors.T @ seen_logits.flatten(2)            # (R, D, h·w): back to word space
+    logits = unseen_vectors @ sem                             # (R, 1 + U, h·w)
+    return logits.unflatten(2, (h, w))
     ### END SOLUTION
 
 
