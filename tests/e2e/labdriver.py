@@ -270,18 +270,25 @@ class Notebook:
     def run_all(self, timeout: float) -> float:
         """Run > Run All Cells, then wait until every code cell has an execution count and the
         kernel is idle. Returns the seconds it took."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         n = self.code_cells.count()
         t0 = time.monotonic()
+        started = ("() => [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell "
+                   ".jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
         self.command("Run All Cells")
         try:                              # the click took: some cell queued, running or done
-            self.page.wait_for_function(
-                "() => [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell "
-                ".jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))",
-                timeout=30_000)
+            self.page.wait_for_function(started, timeout=30_000)
+        except PlaywrightTimeout:
+            # Nothing queued (no "[*]"), so a second click cannot run anything twice. On a loaded
+            # machine the first click can land before the notebook's kernel session is wired up.
+            self.command("Run All Cells")
+        try:
+            self.page.wait_for_function(started, timeout=90_000)
         except Exception as e:
             prompts = self.prompts()
             shown = ", ".join(f"{p!r} x{prompts.count(p)}" for p in dict.fromkeys(prompts))
-            raise self.fail(f"Run > Run All Cells started nothing within 30 s: kernel "
+            raise self.fail(f"Run > Run All Cells (clicked twice) started nothing in 120 s: kernel "
                             f"{self.kernel_status()!r}, {len(prompts)} code-cell prompts "
                             f"({shown}); Run All clicked {t0 - self._t_open:.0f} s after opening the "
                             "notebook began") from e
