@@ -532,7 +532,8 @@ explorer
 # a pyramid for the seg head); we use timm's ViT-B/16 (ImageNet-21k → 1k): the same 32×32 token
 # grid at 512 px, 24 heads over the last two blocks, but no pyramid — the seg head reads four
 # blocks of one resolution. The paper reports **66.0** mIoU on val with CRF, **62.6** without
-# (the CRF needs `pip install pydensecrf2`; set `crf=True`). For two GPUs:
+# (the CRF, with the released test script's settings, is `afa.dense_crf`: `pip install
+# pydensecrf2`, which compiles from the registry's source, then `crf=True`). For two GPUs:
 #
 #     torchrun --nproc_per_node 2 -m vitseg_lab.cli train afa --scale full --train.batch_size 2
 
@@ -542,7 +543,9 @@ if vl.scale() == "full":
     if full.skipped:
         print(full.skipped)
     else:
-        print(f"VOC val mIoU: {100 * full.value:.1f} · paper: {afa.PAPER['voc_val_miou_no_crf']} "
+        crf = full.metrics.get("mIoU_crf")
+        ours = f"{100 * full.value:.1f} without CRF" + (f", {100 * crf:.1f} with" if crf else "")
+        print(f"VOC val mIoU: {ours} · paper: {afa.PAPER['voc_val_miou_no_crf']} "
               f"without CRF, {afa.PAPER['voc_val_miou_crf']} with CRF")
 else:
     print(afa.full_scale_check() or "Full scale is ready: rerun with VITSEG_SCALE=full.")

@@ -330,3 +330,45 @@ def test_configs_and_full_scale_lines():
         assert all("`" in line for line in pieces)                 # each piece names a command
         res = afa.run(full)
         assert res.skipped == msg and res.model is None
+
+
+def test_non_square_images_through_every_stage(smoke):
+    """A 48x64 image: a 6x8 token grid (h != w) through the affinity, the window, the random
+    walk, PAR and every evaluated stage; the walk's window is the released loop's on that grid."""
+    cfg, _, _, model = smoke
+    was_training = model.training
+    model.eval()
+    try:
+        _check_non_square(cfg, model)
+    finally:
+        model.train(was_training)
+
+
+def _check_non_square(cfg, model):
+    g = _g(11)
+    images = torch.rand(2, 3, 48, 64, generator=g)
+    labels = torch.tensor([[1.0] + [0.0] * 8, [0.0, 1.0, 1.0] + [0.0] * 6])
+    out = model(images, seg=False)
+    assert out.grid == (6, 8) and out.affinity.shape == (2, 48, 48)
+    assert torch.equal(afa.window_mask(6, 8, 2), _official_window(6, 8, 2))
+    cams, aff, grid = afa.multi_scale_cams(model, images, (1.0,))
+    label = afa.propagated_labels(images, cams * labels[:, :, None, None], labels, aff, grid, cfg)
+    assert label.shape == (2, 48, 64)
+    preds = afa.stage_predictions(model, images, labels)
+    assert all(p.shape == (2, 48, 64) for p in preds.values())
+    present = torch.cat([torch.ones(2, 1), labels], 1)            # background + image labels
+    for p in preds.values():
+        if p is not preds["seg"]:
+            assert all(bool(present[b, p[b].unique()].all()) for b in range(2))
+
+
+def test_dense_crf_snaps_to_the_colour_edge():
+    pytest.importorskip("pydensecrf.densecrf")
+    img = torch.zeros(3, 20, 30)
+    img[:, :, 15:] = 1.0
+    probs = torch.full((2, 20, 30), 0.5)                        # undecided in the middle
+    probs[0, :, :12], probs[1, :, :12] = 0.8, 0.2
+    probs[0, :, 18:], probs[1, :, 18:] = 0.2, 0.8
+    q = afa.dense_crf(img, probs)
+    assert q.shape == (2, 20, 30) and torch.allclose(q.sum(0), torch.ones(20, 30), atol=1e-4)
+    assert q.argmax(0)[:, :15].eq(0).all() and q.argmax(0)[:, 15:].eq(1).all()
