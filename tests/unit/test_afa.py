@@ -6,6 +6,7 @@ checkpoints and the full-scale lines."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -372,3 +373,44 @@ def test_dense_crf_snaps_to_the_colour_edge():
     q = afa.dense_crf(img, probs)
     assert q.shape == (2, 20, 30) and torch.allclose(q.sum(0), torch.ones(20, 30), atol=1e-4)
     assert q.argmax(0)[:, :15].eq(0).all() and q.argmax(0)[:, 15:].eq(1).all()
+
+
+def test_affinity_explorer_controls_run_the_learner_functions(smoke):
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cfg, _, val, model = smoke
+    calls = {"attention_affinity": 0, "affinity_labels": 0, "random_walk": 0}
+    originals = {k: getattr(afa, k) for k in calls}
+
+    def counted(name):
+        @functools.wraps(originals[name])            # keeps the exercise's signature for plug
+        def fn(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return fn
+
+    was_training = model.training
+    try:
+        for name in calls:
+            plug(afa, quiet=True)(counted(name))
+        box = afa.affinity_explorer(model, val)
+        h = w = cfg.img_size // cfg.patch_size
+        st = box.state
+        assert st["affinity_row"].shape == (h, w) and st["aff_label_row"].shape == (h, w)
+        assert set(st["maps"]) == {"CAM", "CAM + PAR", "random walk"}
+        assert all(calls[k] > 0 for k in calls), calls
+        assert set(st["aff_label_row"].unique().tolist()) <= {0.0, 1.0, float(afa.IGNORE)}
+        scene, _klass = box.children[0].children
+        row, col = box.children[1].children
+        col.value = w - 1
+        assert box.state["token"] == row.value * w + w - 1
+        row.value = 0
+        assert box.state["token"] == w - 1
+        before = calls["random_walk"]
+        scene.value = 1
+        assert box.state["scene"] == 1 and calls["random_walk"] > before
+    finally:
+        unplug(afa)
+        model.train(was_training)
