@@ -278,7 +278,7 @@ FULL_MODEL = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
 
 
 @dataclass(frozen=True)
-class AttentionConfig:
+class AttentionConfig(chapters.ScalePresets):
     """Knobs of chapter 01's run. ``for_scale`` picks quick / smoke / full; change a field with
     ``dataclasses.replace(cfg, depth=2)``."""
 
@@ -328,13 +328,6 @@ class AttentionConfig:
                    train=TrainConfig(steps=3000, batch_size=32, lr=5e-5, weight_decay=0.05,
                                      warmup_steps=200, eval_every=500, log_every=50,
                                      head_lr_mult=10.0, out_dir="runs/attention-full"))
-
-    @classmethod
-    def for_scale(cls, scale: str) -> AttentionConfig:
-        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
-        if scale not in presets:
-            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
-        return presets[scale]()
 
 
 def build(cfg: AttentionConfig, num_classes: int) -> ExplicitViT:

@@ -10,7 +10,8 @@ The protocol every chapter module (``vitseg_lab/<slug>.py``) follows, exactly:
 - exercise functions at module level, each docstring starting ``Exercise N.M · ...`` (N = chapter
   number), the reference between nbgrader's solution markers; library code calls
   them through the module global at call time, so ``plug`` reaches every caller;
-- ``<Config>`` dataclass with ``quick()``, ``smoke()``, ``full()``, ``for_scale(scale)``, a
+- ``<Config>`` dataclass with ``quick()``, ``smoke()``, ``full()``, ``for_scale(scale)`` (inherited
+  from ``ScalePresets``), a
   ``train: TrainConfig`` field, ``target`` (the stated metric value) and ``target_metric`` (its key);
 - ``quick_data(cfg) -> (train, val)`` ShapeScenes-backed data sets with ``num_classes`` and ``collate``;
 - ``build(cfg, num_classes) -> nn.Module`` (``num_classes`` as the data set counts them); the model
@@ -29,11 +30,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["CHAPTERS", "Chapter", "RunResult", "by_number", "chapter_of_tag", "checkpoint_meta",
-           "config_from_dict", "get", "load_model"]
+__all__ = ["CHAPTERS", "Chapter", "RunResult", "ScalePresets", "by_number", "chapter_of_tag",
+           "checkpoint_meta", "config_from_dict", "get", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,20 @@ def chapter_of_tag(tag: str) -> Chapter | None:
         return by_number(int(str(tag).split(".")[0]))
     except (KeyError, ValueError):
         return None
+
+
+class ScalePresets:
+    """Base of every chapter's config dataclass: ``for_scale(name)`` returns the preset of that
+    name, a classmethod of the config (``"full-large"`` -> ``full_large()``). A config with more
+    presets than quick / smoke / full lists them in ``SCALES``."""
+
+    SCALES: typing.ClassVar[tuple[str, ...]] = ("quick", "smoke", "full")
+
+    @classmethod
+    def for_scale(cls, scale: str) -> typing.Self:
+        if scale not in cls.SCALES:
+            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(cls.SCALES)}.")
+        return getattr(cls, scale.replace("-", "_"))()
 
 
 @dataclass

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import chapters
 from .exercises import expect_shape
 from .train import TrainConfig
 
@@ -504,7 +505,7 @@ FULL_MODEL = "vit_base_patch16_224.augreg_in21k"   # ViT-B/16, ImageNet-21k (the
 
 
 @dataclass(frozen=True)
-class ReSTRConfig:
+class ReSTRConfig(chapters.ScalePresets):
     """Knobs of chapter 05's run; change one with ``dataclasses.replace(cfg, fusion_depth=2)``.
 
     Visual: ``model_name="quick"`` builds a small ViT from the size fields (random init); any
@@ -586,13 +587,6 @@ class ReSTRConfig:
                                      grad_clip=None, eval_every=40_000, log_every=100,
                                      ckpt_every=5000, num_workers=8, progress=True,
                                      out_dir="runs/ch05_restr_full"))
-
-    @classmethod
-    def for_scale(cls, scale: str) -> ReSTRConfig:
-        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
-        if scale not in presets:
-            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
-        return presets[scale]()
 
 
 def _glove_name() -> str:

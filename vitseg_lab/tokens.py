@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import chapters
 from .exercises import expect_shape
 from .train import TrainConfig
 
@@ -463,7 +464,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class TokensConfig:
+class TokensConfig(chapters.ScalePresets):
     """Knobs of chapter 02's runs. ``for_scale`` picks quick / smoke / full.
 
     Quick: ShapeScenes segmentation with a small conv stem (stride ``patch_size``, ``channels``
@@ -530,13 +531,6 @@ class TokensConfig:
                                      warmup_steps=5 * 5005, schedule="cosine", grad_clip=None,
                                      eval_every=5005 * 5, log_every=100, ckpt_every=5005,
                                      num_workers=16, out_dir="runs/ch02_vt_r18_full"))
-
-    @classmethod
-    def for_scale(cls, scale: str) -> TokensConfig:
-        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
-        if scale not in presets:
-            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
-        return presets[scale]()
 
 
 def vt_parameter_count(cfg: TokensConfig) -> int:

@@ -651,7 +651,7 @@ FULL_MODEL = "vit_base_patch16_224.augreg_in21k"
 
 
 @dataclass
-class ZSIConfig:
+class ZSIConfig(chapters.ScalePresets):
     """Chapter 06 settings. ``quick()`` / ``smoke()`` / ``full()`` / ``for_scale(scale)``.
 
     Backbone: ``model_name="quick"`` is the calibrated tiny ViT, otherwise a timm ViT; the
@@ -764,13 +764,6 @@ class ZSIConfig:
                                      poly_power=1.0, grad_clip=None, eval_every=0,
                                      log_every=50, ckpt_every=2000, num_workers=8,
                                      out_dir=f"runs/ch06_zsi_{split}"))
-
-    @classmethod
-    def for_scale(cls, scale: str) -> ZSIConfig:
-        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
-        if scale not in presets:
-            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
-        return presets[scale]()
 
 
 def build(cfg: ZSIConfig, num_classes: int, class_vectors: Tensor | None = None,
