@@ -481,8 +481,9 @@ print("untrained loss terms:", {k: round(float(v.detach()), 3) for k, v in terms
 #   85% of the pairs, but only because 95% of the positive pairs are background–background
 #   (mean A 0.90): same-object pairs get 0.12, *below* different-class pairs (0.21). The loss
 #   averages all positive pairs together, and 50 steps from scratch learn "both background", not
-#   "same object". (With λ2 = 1 and 100 more steps same-object pairs reach ~0.8 and `rw` 0.44:
-#   the binary oracle's ceiling, still below the CAM.)
+#   "same object". (In a separate loop of ours with λ2 = 1, radius 1 and 100 affinity steps,
+#   same-object pairs reach ~0.8 and `rw` 0.44: near the binary oracle at radius 1, 0.52, and
+#   still below the CAM.)
 #
 # So the quick run never switches the seg head to random-walk labels. The paper's gain (CAM
 # 64.2 → 64.9 in its log) comes with a pretrained backbone, a 32×32 grid (48×48 for the walk) and
