@@ -588,7 +588,7 @@ def seg_loss(seg_logits: Tensor, label: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class AFAConfig:
+class AFAConfig(chapters.ScalePresets):
     """Chapter 04's knobs (METHODS.md §2 with the §2.0 corrections); every default is quick scale.
 
     Backbone: ``model_name`` "quick" (a tiny timm ViT from scratch) or a timm ViT name.
@@ -699,13 +699,6 @@ class AFAConfig:
                                      ckpt_every=2000, head_lr_mult=10.0, num_workers=8,
                                      head_prefixes=("classifier", "attn_proj", "seg_head"),
                                      out_dir="runs/ch04_afa_full"))
-
-    @classmethod
-    def for_scale(cls, scale: str) -> AFAConfig:
-        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full}
-        if scale not in presets:
-            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
-        return presets[scale]()
 
 
 def build(cfg: AFAConfig, num_classes: int) -> AFA:
