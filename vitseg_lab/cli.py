@@ -180,7 +180,7 @@ def cmd_train(args) -> int:
     if not trains:
         return 0
     mod, cfg = _config(args)
-    if args.scale == "full":  # before any weight or data set is touched: every missing piece
+    if args.scale.startswith("full"):  # before any weight or data set is touched: every piece
         missing = mod.full_scale_check(cfg)
         if missing:
             print(missing, file=sys.stderr)

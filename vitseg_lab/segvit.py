@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -407,7 +407,7 @@ ADE_CLASSES = 150
 
 
 @dataclass(frozen=True)
-class SegViTConfig:
+class SegViTConfig(chapters.ScalePresets):
     """Knobs of chapter 03's run. ``for_scale`` picks quick / full / smoke; change a field with
     ``dataclasses.replace(cfg, out_layers=(1, 3))``.
 
@@ -429,6 +429,9 @@ class SegViTConfig:
     ``global_batch_size``: when set, ``run`` uses ``global_batch_size // WORLD_SIZE`` images per
     process (``train.batch_size`` is per process); None or 0 keeps ``train.batch_size``.
     """
+
+    # quick | smoke | full (ViT-B/16 512) | full-large (ViT-L/16 640, ``full_large()``)
+    SCALES: ClassVar[tuple[str, ...]] = ("quick", "smoke", "full", "full-large")
 
     # backbone
     model_name: str = "quick"
@@ -533,15 +536,6 @@ class SegViTConfig:
                        decoder_heads=16, crop=640, slide_stride=608,
                        target=PAPER["vit_l_ade_miou_ss"],
                        train=replace(b.train, out_dir="runs/segvit-full-large"))
-
-    @classmethod
-    def for_scale(cls, scale: str) -> SegViTConfig:
-        """quick | smoke | full (ViT-B/16 512) | full-large (ViT-L/16 640)."""
-        presets = {"quick": cls.quick, "smoke": cls.smoke, "full": cls.full,
-                   "full-large": cls.full_large}
-        if scale not in presets:
-            raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(presets)}.")
-        return presets[scale]()
 
 
 def build(cfg: SegViTConfig, num_classes: int) -> nn.Module:
