@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .segvit import ADE_CLASSES, PAPER, SegViTConfig, build, semantic_scores
+from . import segvit
+from .segvit import ADE_CLASSES, PAPER, SegViTConfig, build
 
 __all__ = ["FVCORE_RULES", "build_paper_models", "count_gmacs", "flops_table",
            "print_flops_table"]
@@ -118,8 +119,8 @@ def count_gmacs(model: nn.Module, img_size: int = 640) -> dict[str, float]:
     # The semantic-inference einsum, counted on its own (it runs outside every submodule).
     K = model.num_classes
     with FlopCounterMode(display=False) as ein:
-        semantic_scores(torch.zeros(1, K, K + 1, device=device),
-                        torch.zeros(1, K, img_size, img_size, device=device))
+        segvit.semantic_scores(torch.zeros(1, K, K + 1, device=device),
+                               torch.zeros(1, K, img_size, img_size, device=device))
     inference = ein.get_total_flops() / 2e9
     total = fvcore - ln - up - inference
     head = sum(without_extra(per_module.get(f"{top}.{m}", {})) for m in ("head", "upsampler"))

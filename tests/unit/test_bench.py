@@ -112,10 +112,11 @@ def test_run_all_collects_json_and_reports_failures(tmp_path, capsys):
 def test_paper_size_setup_without_data_falls_back_to_shapes_at_the_crop():
     s = bts.chapter_setup("segvit", "paper", batch=2)
     cfg = s["cfg"]
-    assert (cfg.embed_dim, cfg.depth, cfg.img_size, cfg.pretrained) == (768, 12, 640, False)
+    # the paper's ViT-B row: crop 512 (METHODS §1.6)
+    assert (cfg.embed_dim, cfg.depth, cfg.img_size, cfg.pretrained) == (768, 12, 512, False)
     assert s["num_classes"] == 150 and s["B"] == 2
     if "absent" in s["note"]:                       # no ADE20K on this machine
-        assert s["data"][0][0]["image"].shape == (3, 640, 640)
+        assert s["data"][0][0]["image"].shape == (3, 512, 512)
 
 
 def test_a_failing_chapter_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
