@@ -134,7 +134,10 @@ def test_forged_records_and_exits_change_nothing(ch01):
     nb = _nb(ch01, "tamper-proc")
     assert "HiddenCheckFailed" in _errors_of(nb, "attention_rollout_test")
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    assert [o.ename for o in last.outputs if o.output_type == "error"] == ["KernelDied"]
+    # exit() only asks the client to end the kernel (ipykernel's ask_exit payload): the CI run of
+    # 2026-12-02 saw the next cell run in the same kernel, the runs before saw KernelDied. Either
+    # way nothing else may appear: what must hold is the grade and the absent forged records.
+    assert [o.ename for o in last.outputs if o.output_type == "error"] in (["KernelDied"], [])
     folder = ch01.root / "autograded" / "tamper-proc" / "ch01"
     assert not (folder / ".vitseg_grading").exists()
 
