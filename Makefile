@@ -32,6 +32,7 @@ lab-instructor: venv            ## instructors: this repository's notebooks/ (so
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
 test: venv                      ## everything CI runs
+	$(PY) -m ruff check .
 	$(PY) -m tools.nbbuild --check
 	$(PY) -m pytest tests -q -p no:cacheprovider
 	$(PY) -m pytest $(NBVAL) notebooks/*.ipynb

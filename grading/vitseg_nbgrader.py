@@ -106,10 +106,10 @@ def fix_structure(nb: nbformat.NotebookNode, release: nbformat.NotebookNode) -> 
         if gid not in rel_cells:
             del cell.metadata["nbgrader"]
             if gid:
-                issues.append(dict(kind="unknown_cell", grade_id=gid, message=(
+                issues.append({"kind": "unknown_cell", "grade_id": gid, "message": (
                     f"A cell carried the grading id '{gid}', which is not part of this "
                     "assignment (copied from another notebook?); it was run as an ordinary "
-                    "cell.")))
+                    "cell.")})
 
     # 1b. our cells' grading metadata edited (grade/solution/lock flags, points, cell type): put
     #     back from the release. nbgrader restores points and locks itself, but a flipped grade or
@@ -136,10 +136,10 @@ def fix_structure(nb: nbformat.NotebookNode, release: nbformat.NotebookNode) -> 
             cell.metadata["nbgrader"] = copy.deepcopy(rmeta)
             if _is_locked(rmeta):
                 cell["source"] = rel.get("source", "")
-            issues.append(dict(kind="metadata", grade_id=gid, message=(
+            issues.append({"kind": "metadata", "grade_id": gid, "message": (
                 f"The grading settings of cell '{gid}' were changed ({', '.join(changed)}); they "
                 "were put back as released" + (", with the cell's original content" if _is_locked(
-                    rmeta) else "") + ". Grading settings are not yours to edit.")))
+                    rmeta) else "") + ". Grading settings are not yours to edit.")})
 
     # 2. duplicated graded cells: keep the original (same cell id as the release, else the first)
     by_gid: dict[str, list[int]] = {}
@@ -174,9 +174,9 @@ def fix_structure(nb: nbformat.NotebookNode, release: nbformat.NotebookNode) -> 
             what = (f"The graded cell '{gid}' appears {len(idxs)} times (it was copied). nbgrader "
                     "cannot grade a notebook with a repeated grading id, so the original was "
                     "kept and graded and the copies were removed.")
-        issues.append(dict(kind="duplicate", grade_id=gid, message=what + (
+        issues.append({"kind": "duplicate", "grade_id": gid, "message": what + (
             " Next time: delete the extra copies (Edit → Delete Cells), keep one cell per "
-            "exercise, and press Validate before you submit.")))
+            "exercise, and press Validate before you submit.")})
     if drop:
         nb.cells = [c for i, c in enumerate(nb.cells) if i not in drop]
 
@@ -186,17 +186,17 @@ def fix_structure(nb: nbformat.NotebookNode, release: nbformat.NotebookNode) -> 
         rmeta = _nbg(rel_cells[gid]) or {}
         if gid in present or not _is_locked(rmeta):
             if gid not in present:
-                issues.append(dict(kind="missing_solution", grade_id=gid, message=(
+                issues.append({"kind": "missing_solution", "grade_id": gid, "message": (
                     f"The solution cell '{gid}' was deleted; its test ran against whatever "
-                    f"'{gid}' your other cells define. Keep the exercise's own cell next time.")))
+                    f"'{gid}' your other cells define. Keep the exercise's own cell next time.")})
             continue
         cell = copy.deepcopy(rel_cells[gid])
         cell["id"] = cell.get("id") or uuid.uuid4().hex[:12]
         nb.cells.insert(_restore_position(nb.cells, order, gid), cell)
         present.add(gid)
-        issues.append(dict(kind="restored", grade_id=gid, message=(
+        issues.append({"kind": "restored", "grade_id": gid, "message": (
             f"The locked cell '{gid}' was missing from your notebook; it was put back in its "
-            "place and graded. Locked cells cannot be skipped by deleting them.")))
+            "place and graded. Locked cells cannot be skipped by deleting them.")})
 
     # 4. cell ids must be unique (nbformat 4.5); a hand-edited copy may repeat one
     seen: set[str] = set()
@@ -431,7 +431,7 @@ def scan_notebook(nb: nbformat.NotebookNode, release: nbformat.NotebookNode) -> 
             continue                                  # restored from the gradebook anyway
         src = _source(cell)
         lines = src.splitlines()
-        where = dict(cell=index, grade_id=(meta or {}).get("grade_id", ""))
+        where = {"cell": index, "grade_id": (meta or {}).get("grade_id", "")}
         hits: list[tuple[int, str]] = []
         try:
             tree = ast.parse(_ipython_to_python(src))
@@ -481,11 +481,11 @@ def preflight_notebook_file(path: str, release: nbformat.NotebookNode, originals
     try:
         nb = nbformat.read(path, as_version=4)
     except Exception as e:  # noqa: BLE001 - unreadable JSON: nbgrader will fail it; say why
-        return dict(issues=[dict(kind="unreadable", grade_id="", message=(
+        return {"issues": [{"kind": "unreadable", "grade_id": "", "message": (
             f"The notebook file could not be read ({type(e).__name__}); it scores 0. Make sure "
-            "you submit the .ipynb file saved by Jupyter."))], findings=[])
+            "you submit the .ipynb file saved by Jupyter.")}], "findings": []}
     if any(PREFLIGHT_KEY in c.get("metadata", {}) for c in nb.cells):
-        return dict(issues=[], findings=scan_notebook(nb, release), already_done=True)
+        return {"issues": [], "findings": scan_notebook(nb, release), "already_done": True}
     before = nbformat.writes(nb)
     issues = fix_structure(nb, release)
     findings = scan_notebook(nb, release)
@@ -500,7 +500,7 @@ def preflight_notebook_file(path: str, release: nbformat.NotebookNode, originals
                 f.write(before)
         with open(path, "w") as f:
             f.write(after)
-    return dict(issues=issues, findings=findings)
+    return {"issues": issues, "findings": findings}
 
 
 def preflight_submission(root: str, assignment: str, student: str,
@@ -514,7 +514,7 @@ def preflight_submission(root: str, assignment: str, student: str,
     sub = os.path.join(root, "submitted", student, assignment)
     rel_dir = os.path.join(root, "release", assignment)
     expected = sorted(os.path.basename(p) for p in glob.glob(os.path.join(rel_dir, "*.ipynb")))
-    report: dict[str, Any] = dict(student=student, assignment=assignment, notebooks={})
+    report: dict[str, Any] = {"student": student, "assignment": assignment, "notebooks": {}}
     extra_issues: dict[str, list[dict]] = {}
     if rename:
         present = [os.path.basename(p) for p in glob.glob(os.path.join(sub, "*.ipynb"))]
@@ -522,15 +522,15 @@ def preflight_submission(root: str, assignment: str, student: str,
         missing = [e for e in expected if e not in present]
         if len(missing) == 1 and len(unknown) == 1:
             os.rename(os.path.join(sub, unknown[0]), os.path.join(sub, missing[0]))
-            extra_issues[missing[0]] = [dict(kind="renamed", grade_id="", message=(
+            extra_issues[missing[0]] = [{"kind": "renamed", "grade_id": "", "message": (
                 f"Your notebook was submitted as '{unknown[0]}'; it was graded as "
-                f"'{missing[0]}'. Keep the original file name next time."))]
+                f"'{missing[0]}'. Keep the original file name next time.")}]
     originals = os.path.join(root, "preflight", "originals", student, assignment)
     for name in expected:
         path = os.path.join(sub, name)
         if not os.path.exists(path):
-            report["notebooks"][name] = dict(issues=[dict(kind="missing", grade_id="", message=(
-                f"No notebook named '{name}' was submitted; it scores 0."))], findings=[])
+            report["notebooks"][name] = {"issues": [{"kind": "missing", "grade_id": "", "message": (
+                f"No notebook named '{name}' was submitted; it scores 0.")}], "findings": []}
             continue
         entry = preflight_notebook_file(path, release_notebook(root, assignment, name), originals)
         if extra_issues.get(name):

@@ -65,8 +65,8 @@ def missing_parts(ch: Chapter, root: Path = ROOT) -> list[str]:
     if not (root / unit).exists():
         missing.append(f"unit tests {unit}")
     readme = (root / "README.md").read_text() if (root / "README.md").exists() else ""
-    if not re.search(rf"^\|\s*{ch.nn}\s*\|.*{re.escape(ch.notebook)}.*\|", readme, re.M) or \
-            re.search(rf"^\|\s*{ch.nn}\s*\|.*\|\s*planned\s*\|\s*$", readme, re.M):
+    if not re.search(rf"^\|\s*{ch.nn}\s*\|.*{re.escape(ch.notebook)}.*\|", readme, re.MULTILINE) or \
+            re.search(rf"^\|\s*{ch.nn}\s*\|.*\|\s*planned\s*\|\s*$", readme, re.MULTILINE):
         missing.append(f"README table row for {ch.nn} (with its notebook and quick-scale result)")
 
     try:

@@ -73,7 +73,7 @@ def exercise_tag_of(module: str, name: str) -> str:
 
 
 def _meta(kind: str, grade_id: str, points: int | None = None) -> dict:
-    base = dict(schema_version=3, grade_id=grade_id, task=False)
+    base = {"schema_version": 3, "grade_id": grade_id, "task": False}
     if kind == "solution":
         return dict(base, grade=False, solution=True, locked=False)
     if kind == "test":
@@ -95,7 +95,7 @@ def parse(src: Path) -> list[dict]:
                 rest = (rest[: tm.start()] + rest[tm.end():]).strip()
             km = re.match(r"\[(\w+)\]\s*(.*)", rest)
             kind, args = (km.group(1), km.group(2).split()) if km else ("code", [])
-            cells.append(dict(kind=kind, args=args, tags=tags, body=[]))
+            cells.append({"kind": kind, "args": args, "tags": tags, "body": []})
         elif cells:
             cells[-1]["body"].append(line)
     return cells

@@ -15,7 +15,7 @@ hooks = g.hooks()
 
 
 def _meta(kind: str, gid: str, points: int = 0) -> dict:
-    base = dict(schema_version=3, grade_id=gid, task=False)
+    base = {"schema_version": 3, "grade_id": gid, "task": False}
     if kind == "solution":
         return dict(base, grade=False, solution=True, locked=False)
     if kind == "test":

@@ -190,7 +190,7 @@ def test_readme_table_lists_the_registry_and_marks_the_rest_planned():
 
     readme = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\|\s*(\d\d)\s*\|\s*`(notebooks/[^`]+)`.*\|\s*([^|]*?)\s*\|\s*$", readme,
-                      re.M)
+                      re.MULTILINE)
     assert rows, "the README has no chapter table"
     known = {ch.nn: ch for ch in CH}
     for nn, notebook, result in rows:

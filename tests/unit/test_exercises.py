@@ -231,7 +231,7 @@ def test_a_rejected_plug_replaces_the_previous_attempt_everywhere():
     code = ("@plug(attention, quiet=True)\n"
             "def softmax(logits, axis=-1):\n    return logits.softmax(axis)\n")
     with pytest.raises(vl.exercises.PlugSignatureError, match=r"\(logits, dim\)"):
-        exec(code, namespace)  # noqa: S102 - a notebook cell
+        exec(code, namespace)
     for fn in (attention.softmax, namespace["softmax"]):
         with pytest.raises(ExerciseNotDone, match="rejected.*keep the signature"):
             fn(torch.zeros(2))

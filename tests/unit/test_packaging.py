@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_environment_yml_mirrors_pyproject_pins():
     pp = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = set(pp["dependencies"]) | set(pp["optional-dependencies"]["dev"])
-    env = set(re.findall(r"^\s+- ([A-Za-z0-9_.\-]+==[^\s]+)$", (ROOT / "environment.yml").read_text(), re.M))
+    env = set(re.findall(r"^\s+- ([A-Za-z0-9_.\-]+==[^\s]+)$", (ROOT / "environment.yml").read_text(), re.MULTILINE))
     assert env == pins
 
 

@@ -286,7 +286,7 @@ def test_plugged_exercises_run_inside_the_model(tiny):
         for name in names:
             params = ", ".join(inspect.signature(getattr(restr, name)).parameters)
             ns = {"_f": getattr(restr, name), "_calls": calls}
-            exec(f"def {name}({params}):\n    _calls['{name}'] = _calls.get('{name}', 0) + 1\n"  # noqa: S102
+            exec(f"def {name}({params}):\n    _calls['{name}'] = _calls.get('{name}', 0) + 1\n"
                  f"    return _f({params})", ns)
             plug(restr, quiet=True)(ns[name])
         tiny(torch.rand(1, 3, 64, 64), ["the red circle"])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-
-import numpy as np
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader

@@ -18,7 +18,7 @@ from .common import Bug, Check
 
 
 def naive_patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    B, c, H, W = images.shape
+    B, _c, H, W = images.shape
     p = patch_size
     rows = []
     for b in range(B):
@@ -103,57 +103,57 @@ def naive_attention_rollout(attns, residual: float = 0.5):
 
 
 def cases_patchify(g):
-    cases = [dict(images=torch.randn(B, 3, H, W, generator=g), patch_size=p)
+    cases = [{"images": torch.randn(B, 3, H, W, generator=g), "patch_size": p}
              for B, H, W, p in [(2, 8, 12, 4), (3, 6, 6, 3), (1, 16, 8, 8), (1, 5, 5, 5)]]
-    cases.append(dict(images=torch.randn(2, 3, 8, 4, generator=g).double(), patch_size=2))
+    cases.append({"images": torch.randn(2, 3, 8, 4, generator=g).double(), "patch_size": 2})
     return cases
 
 
 def cases_embed_tokens(g):
     cases = []
     for B, L, D, C in [(2, 3, 5, 7), (3, 6, 12, 7), (2, 1, 2, 3)]:
-        cases.append(dict(patches=torch.randn(B, L, D, generator=g),
-                          weight=torch.randn(C, D, generator=g), bias=torch.randn(C, generator=g),
-                          cls_token=torch.randn(1, 1, C, generator=g),
-                          pos_embed=torch.randn(1, L + 1, C, generator=g)))
+        cases.append({"patches": torch.randn(B, L, D, generator=g),
+                          "weight": torch.randn(C, D, generator=g), "bias": torch.randn(C, generator=g),
+                          "cls_token": torch.randn(1, 1, C, generator=g),
+                          "pos_embed": torch.randn(1, L + 1, C, generator=g)})
     return cases
 
 
 def cases_resize_pos_embed(g):
-    return [dict(pos_embed=torch.randn(1, 1 + old[0] * old[1], C, generator=g),
-                 old_grid=old, new_grid=new)
+    return [{"pos_embed": torch.randn(1, 1 + old[0] * old[1], C, generator=g),
+                 "old_grid": old, "new_grid": new}
             for old, new, C in [((4, 5), (6, 3), 7), ((3, 5), (3, 5), 2), ((6, 6), (2, 4), 3),
                                 ((2, 3), (7, 5), 4)]]
 
 
 def cases_softmax(g):
     return [
-        dict(logits=torch.randn(4, 7, generator=g), dim=-1),
-        dict(logits=torch.randn(3, 5, 2, generator=g), dim=1),
-        dict(logits=torch.randn(2, 6, generator=g) * 50 + 1000.0, dim=-1),   # overflow bait
-        dict(logits=torch.tensor([[0.0, float("-inf"), 1.0], [float("-inf")] * 3]), dim=-1),
-        dict(logits=torch.randn(5, generator=g).double(), dim=0),
-        dict(logits=torch.randn(2, 3, 4, generator=g), dim=0),
+        {"logits": torch.randn(4, 7, generator=g), "dim": -1},
+        {"logits": torch.randn(3, 5, 2, generator=g), "dim": 1},
+        {"logits": torch.randn(2, 6, generator=g) * 50 + 1000.0, "dim": -1},   # overflow bait
+        {"logits": torch.tensor([[0.0, float("-inf"), 1.0], [float("-inf")] * 3]), "dim": -1},
+        {"logits": torch.randn(5, generator=g).double(), "dim": 0},
+        {"logits": torch.randn(2, 3, 4, generator=g), "dim": 0},
     ]
 
 
 def cases_multi_head_attention(g):
     cases = []
     for B, N, C, nh in [(2, 3, 4, 2), (2, 5, 6, 3), (1, 4, 8, 1), (3, 5, 8, 4)]:
-        cases.append(dict(x=torch.randn(B, N, C, generator=g),
-                          qkv_weight=torch.randn(3 * C, C, generator=g) / C ** 0.5,
-                          qkv_bias=torch.randn(3 * C, generator=g),
-                          proj_weight=torch.randn(C, C, generator=g) / C ** 0.5,
-                          proj_bias=torch.randn(C, generator=g), num_heads=nh))
+        cases.append({"x": torch.randn(B, N, C, generator=g),
+                          "qkv_weight": torch.randn(3 * C, C, generator=g) / C ** 0.5,
+                          "qkv_bias": torch.randn(3 * C, generator=g),
+                          "proj_weight": torch.randn(C, C, generator=g) / C ** 0.5,
+                          "proj_bias": torch.randn(C, generator=g), "num_heads": nh})
     return cases
 
 
 def cases_attention_rollout(g):
     cases = []
     for B, nh, N, layers in [(2, 3, 5, 4), (2, 3, 4, 1), (1, 1, 7, 4)]:
-        cases.append(dict(attns=[torch.randn(B, nh, N, N, generator=g).softmax(-1)
-                                 for _ in range(layers)]))
-    cases.append(dict(attns=[a.clone() for a in cases[0]["attns"]], residual=0.0))
+        cases.append({"attns": [torch.randn(B, nh, N, N, generator=g).softmax(-1)
+                                 for _ in range(layers)]})
+    cases.append({"attns": [a.clone() for a in cases[0]["attns"]], "residual": 0.0})
     return cases
 
 
