@@ -302,6 +302,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _processes(cfg: TrainConfig) -> tuple[bool, int, int, torch.device]:
+    """(under torchrun?, rank, world size, this process's device) from the environment."""
+    env = os.environ
+    ddp = int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env and "LOCAL_RANK" in env
+    rank, world = (int(env["RANK"]), int(env["WORLD_SIZE"])) if ddp else (0, 1)
+    return ddp, rank, world, _pick_device(cfg.device, int(env["LOCAL_RANK"]) if ddp else None)
+
+
+@contextlib.contextmanager
+def process_group(cfg: TrainConfig):
+    """Under torchrun, the process group for the block (created here unless one exists, and then
+    destroyed on exit) -> this process's device. Outside torchrun: nothing but the device.
+
+    ``run_chapter`` holds one around the baseline evaluation and ``fit``, so the untrained model
+    is evaluated on the GPU, each rank over its shard, like every later evaluation."""
+    ddp, _, _, device = _processes(cfg)
+    created = False
+    if ddp and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # Long timeout: a slow evaluation (COCO AP over a gathered split) or a checkpoint
+        # write keeps the other ranks waiting at the next collective.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=60))
+        created = True
+    try:
+        yield device
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def num_threads(n: int | None):
     """Run the block on ``n`` torch CPU threads (None: leave the setting), then restore it.
@@ -339,10 +371,7 @@ def fit(
     stays on the training device, in the train/eval mode it came in.
     """
     # -- processes, device, seeds ---------------------------------------------------------------
-    env = os.environ
-    ddp = int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env and "LOCAL_RANK" in env
-    rank, world = (int(env["RANK"]), int(env["WORLD_SIZE"])) if ddp else (0, 1)
-    device = _pick_device(cfg.device, int(env["LOCAL_RANK"]) if ddp else None)
+    ddp, rank, world, device = _processes(cfg)
     n_train = _length(data, "data")
     if n_train // world < cfg.batch_size:
         raise ValueError(
@@ -353,14 +382,7 @@ def fit(
         _length(val_data, "val_data")
 
     with contextlib.ExitStack() as cleanup:
-        if ddp and not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            # Long timeout: a slow evaluation (COCO AP over a gathered split) or a checkpoint
-            # write keeps the other ranks waiting at the next collective.
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=timedelta(minutes=60))
-            cleanup.callback(dist.destroy_process_group)
+        cleanup.enter_context(process_group(cfg))
         seed_everything(cfg.seed + rank)
 
         # -- model, optimizer, schedule ---------------------------------------------------------
@@ -497,15 +519,17 @@ def run_chapter(slug: str, cfg: Any, build: Callable, loss_fn: Callable, metric_
     """What every chapter's ``run(cfg)`` does once its data is chosen -> ``chapters.RunResult``.
 
     Seeds once (``cfg.train.seed``), builds the model, evaluates it untrained on the validation
-    data (the baseline, also the first point of the eval curve), trains with ``fit`` on
-    ``cfg.num_threads`` threads with the chapter's checkpoint ``meta``, and reports.
+    data (the baseline, also the first point of the eval curve) on the training device (under
+    torchrun: each rank its shard, inside the process group ``fit`` then uses), trains with
+    ``fit`` on ``cfg.num_threads`` threads with the chapter's checkpoint ``meta``, and reports.
     """
     t0 = time.perf_counter()
     train_ds, val_ds = data
     seed_everything(cfg.train.seed)
     model = build(cfg, num_classes)
-    with num_threads(cfg.num_threads):
-        baseline = evaluate(model, val_ds, cfg.train, loss_fn, metric_fn, collate_fn)
+    with num_threads(cfg.num_threads), process_group(cfg.train) as device:
+        model = fastpath.prepare(model, cfg.train, device)  # what fit() runs: same device, kernels
+        baseline = evaluate(model, val_ds, cfg.train, loss_fn, metric_fn, collate_fn, device)
         history = fit(model, train_ds, cfg.train, loss_fn, metric_fn, val_data=val_ds,
                       collate_fn=collate_fn, meta=checkpoint_meta(slug, cfg, num_classes))
     history.rows.insert(0, {"step": 0, **{k: float(v) for k, v in baseline.items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vitseg_lab.metrics import sum_over_ranks
-from vitseg_lab.train import TrainConfig, evaluate, fit
+from vitseg_lab.train import TrainConfig, evaluate, fit, run_chapter
 
 IN, HIDDEN, CLASSES = 6, 12, 3
 
@@ -87,6 +88,24 @@ def toy_metric(model, loader):
     return {"acc": right / n, "n": n}
 
 
+LOCAL_COUNTS: list[int] = []  # items each toy_metric call saw in this process
+
+
+def counting_metric(model, loader):
+    """toy_metric, also recording how many items this process evaluated."""
+    LOCAL_COUNTS.append(sum(len(b["y"]) for b in loader))
+    return toy_metric(model, loader)
+
+
+@dataclass(frozen=True)
+class ToyChapterConfig:
+    """What ``run_chapter`` reads of a chapter config."""
+    train: TrainConfig = field(default_factory=lambda: toy_cfg(steps=6, eval_every=6))
+    num_threads: int = 1
+    target_metric: str = "acc"
+    target: float = 0.0
+
+
 def toy_val() -> ToyData:
     """15 noise-free samples: an odd count (uneven shards), the same in every process."""
     return ToyData(15, seed=1, noise=False)
@@ -98,6 +117,11 @@ if __name__ == "__main__":  # torchrun --nproc_per_node 2 _ddp_toy.py OUT
     out = sys.argv[1]
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
+    # run_chapter with no process group yet: it makes one for the baseline and fit, then ends it.
+    res = run_chapter("toy", ToyChapterConfig(), lambda cfg, k: toy_model(seed=rank), toy_loss,
+                      counting_metric, (ToyData(40), toy_val()), CLASSES)
+    chapter = {"baseline": res.baseline, "final": res.metrics, "counts": LOCAL_COUNTS,
+               "group_left": dist.is_initialized()}
     dist.init_process_group("gloo")  # here, so evaluate() below still has the group after fit
     # Different weights on purpose: DDP must broadcast rank 0's.
     model = toy_model(seed=rank, unused=True)
@@ -105,5 +129,5 @@ if __name__ == "__main__":  # torchrun --nproc_per_node 2 _ddp_toy.py OUT
     hist = fit(model, ToyData(40), cfg, toy_loss, toy_metric, val_data=toy_val())
     loss_eval = evaluate(model, toy_val(), cfg, toy_loss)  # no metric_fn: mean loss terms
     torch.save({"state": model.state_dict(), "final": hist.final, "rows": hist.rows,
-                "loss_eval": loss_eval}, os.path.join(out, f"rank{rank}.pt"))
+                "loss_eval": loss_eval, "chapter": chapter}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -38,6 +38,7 @@ from vitseg_lab.train import (
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("_ddp_toy", HERE / "_ddp_toy.py")
 toy = importlib.util.module_from_spec(_spec)
+sys.modules["_ddp_toy"] = toy  # its dataclass resolves annotations through sys.modules
 _spec.loader.exec_module(toy)
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -435,6 +436,12 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     # without a metric_fn: the mean loss terms, summed over both ranks' batches
     assert r0["loss_eval"] == r1["loss_eval"] and set(r0["loss_eval"]) == {
         "val_loss", "val_ce", "val_acc"}
+    # run_chapter under torchrun: the untrained baseline too is evaluated in the process group,
+    # each rank over its shard (8 + 7), and reduced to the whole set's on both ranks.
+    c0, c1 = r0["chapter"], r1["chapter"]
+    assert c0["counts"][0] + c1["counts"][0] == 15 and c0["counts"][0] in (7, 8)
+    assert c0["baseline"] == c1["baseline"] and c0["baseline"]["n"] == 15
+    assert c0["final"] == c1["final"] and not c0["group_left"] and not c1["group_left"]
 
 
 def test_history_plot_is_a_figure_pyplot_shows_and_fit_adds_none(tmp_path):
