@@ -400,7 +400,8 @@ SLUG = "segvit"
 # mmseg's vit_base_p16_384, which the official ViT-B config loads, is converted from ViT-AugReg
 # (in21k -> in1k at 384): timm's augreg tag, not orig_in21k (METHODS §1.6).
 FULL_MODEL = "vit_base_patch16_384.augreg_in21k_ft_in1k"
-# ViT-L/16: mmseg's vit_large_p16_384, the "jax" in21k weights (METHODS §1.4).
+# ViT-L/16: the official config's mmseg vit_large_p16_384 (segmenter pretrain), which mmseg's
+# segmenter README maps to timm's ViT-AugReg vit_large_patch16_384 (in21k -> in1k at 384).
 FULL_LARGE_MODEL = "vit_large_patch16_384.augreg_in21k_ft_in1k"
 PAPER_GLOBAL_BATCH = 16  # 8 GPUs x 2 images (the official configs)
 ADE_CLASSES = 150
@@ -425,7 +426,9 @@ class SegViTConfig(chapters.ScalePresets):
     layers), ``reduce_num_masks`` (the mask-loss normaliser all-reduced over DDP ranks).
     ``structure="shrunk"`` builds the official SegViT-Shrunk (``vitseg_lab.shrunk``): QD at block
     ``qd_index``, no final norm on the 1/32 tokens, QU, a single-stage ATM head whose
-    ``layers_per_stage`` layers each predict and are supervised.
+    ``layers_per_stage`` layers each predict and are supervised. Its QU differs at quick scale:
+    ``qu_pos="sincos"`` and ``qu_skip=True`` (official ``"none"`` and False; without them the
+    from-scratch run predicts background only -- ``shrunk.QueryUpsampler`` says why).
     ``global_batch_size``: when set, ``run`` uses ``global_batch_size // WORLD_SIZE`` images per
     process (``train.batch_size`` is per process); None or 0 keeps ``train.batch_size``.
     """
@@ -448,6 +451,8 @@ class SegViTConfig(chapters.ScalePresets):
     drop_cls_token: bool = False      # official: True (with_cls_token=False)
     structure: str = "plain"          # "plain" | "shrunk"
     qd_index: int = 2                 # shrunk: 0-based block run as QD (ViT-L: 8)
+    qu_pos: str = "sincos"            # shrunk: official "none" (no position code in QU)
+    qu_skip: bool = True              # shrunk: official False (no residual around QU)
     # ATM decoder (timm's per-head width is also called head_dim: hence "decoder_")
     decoder_dim: int = 96
     decoder_heads: int = 3
@@ -512,8 +517,9 @@ class SegViTConfig(chapters.ScalePresets):
         model behaviours (no CLS token, dropout 0.1, official init)."""
         return cls(model_name=FULL_MODEL, pretrained=True, img_size=512, patch_size=16,
                    embed_dim=768, depth=12, num_heads=12, drop_path=0.1, out_layers=(5, 7, 11),
-                   drop_cls_token=True, decoder_dim=384, decoder_heads=12, layers_per_stage=3,
-                   decoder_dropout=0.1, atm_attn_dropout=0.1, official_init=True,
+                   drop_cls_token=True, qu_pos="none", qu_skip=False, decoder_dim=384,
+                   decoder_heads=12, layers_per_stage=3, decoder_dropout=0.1,
+                   atm_attn_dropout=0.1, official_init=True,
                    reduce_num_masks=True, dataset="ade20k", num_train=0, num_val=0, crop=512,
                    slide_stride=341, target=PAPER["vit_b_ade_miou_ss"], num_threads=None,
                    global_batch_size=PAPER_GLOBAL_BATCH,

@@ -28,7 +28,8 @@ from . import segvit
 from .backbone import ViTBackbone, block_residual
 from .exercises import expect_shape, expect_tensor
 
-__all__ = ["ATMSingleHead", "QueryUpsampler", "ShrunkSegViT", "build_shrunk", "qd_block"]
+__all__ = ["ATMSingleHead", "QueryUpsampler", "ShrunkSegViT", "build_shrunk", "qd_block",
+           "sincos_pos"]
 
 
 def qd_block(blk: nn.Module, x: Tensor, grid: tuple[int, int], num_prefix: int
@@ -60,9 +61,53 @@ def qd_block(blk: nn.Module, x: Tensor, grid: tuple[int, int], num_prefix: int
     return block_residual(blk, x_q, y), ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
 
 
+def sincos_pos(grid: tuple[int, int], dim: int, stride: int = 1) -> Tensor:
+    """Fixed 2-D sine-cosine position code (MAE's): dim/2 channels code the row, dim/2 the
+    column, each as sin and cos at dim/4 frequencies 1 / 10000^(i / (dim/4)).
+
+    Args:
+        grid: (h, w) token grid. dim: d, a multiple of 4. stride: the grid's step in 1/16 units
+            (2 for the 1/32 grid: QD keeps rows and columns 0, 2, 4, ..., so its token (r, c)
+            sits at 1/16 position (2r, 2c) and gets that position's code).
+    Returns:
+        (h*w, d), row-major.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine code needs a width divisible by 4, got {dim}; "
+                         "pick decoder_dim as a multiple of 4 or qu_pos='none'.")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows = torch.arange(grid[0], dtype=torch.float32) * stride
+    cols = torch.arange(grid[1], dtype=torch.float32) * stride
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")             # (h, w) each
+
+    def code(t: Tensor) -> Tensor:                                  # (h, w) -> (h*w, d/2)
+        a = t.reshape(-1, 1) * omega
+        return torch.cat([a.sin(), a.cos()], dim=1)
+
+    return torch.cat([code(yy), code(xx)], dim=1)
+
+
 class QueryUpsampler(nn.Module):
     """QU: learnable queries, one per 1/16 position, cross-attend to the 1/16 layer tokens and then
     to the 1/32 ones (a transformer decoder each), giving back a 1/16 token map.
+
+    The official QU has no position code and no skip: query i must learn which 1/16 position it
+    stands for and find that position's tokens by attention, guided by the position embedding a
+    pretrained ViT has mixed into them. From scratch at quick scale that never happened: at init
+    every query's attention is near-uniform, so every query receives the same image average, the
+    head's masks are flat and the run predicts background everywhere (mIoU 0.088 in
+    ``benchmarks/bench_shrunk_quick.py`` with every init, depth, lr and norm placement tried;
+    adding a position code alone, or starting the queries from the 1/16 tokens, did not change
+    it). Two quick-scale options, official values ``pos="none"``, ``skip=False``:
+
+    - ``pos="sincos"`` adds the fixed ``sincos_pos`` code to the queries and to both memories
+      (the 1/32 tokens at their 1/16 positions), so query i and the tokens at position i share a
+      code from the first step;
+    - ``skip=True`` adds the projected 1/16 tokens to QU's output (a residual around QU), so the
+      head sees each position's own content from step 1 while QU learns what the 1/32 tokens add.
+
+    With both the quick Shrunk run learns (the numbers are in the benchmark's results); with the
+    skip alone it learns more slowly, with neither it never starts.
 
     Args:
         in_dim: C. dim: d. num_heads: nh. grid: (h, w) at 1/16 (e.g. 40 x 40 for 640 px).
@@ -70,12 +115,19 @@ class QueryUpsampler(nn.Module):
         dropout: of the ``nn.TransformerDecoderLayer``s (official: their default, 0.1).
         official_init: ``segvit.init_official`` and queries ~ N(0, 1) (the official
             ``nn.Embedding``); False: PyTorch's init, queries ~ N(0, 0.02²).
+        pos: "none" (official) or "sincos" (see above).
+        skip: add the projected 1/16 tokens to the output (official: False; see above).
     """
 
     def __init__(self, *, in_dim: int, dim: int, num_heads: int, grid: tuple[int, int],
-                 depth: int = 3, dropout: float = 0.0, official_init: bool = False):
+                 depth: int = 3, dropout: float = 0.0, official_init: bool = False,
+                 pos: str = "none", skip: bool = False):
         super().__init__()
-        self.grid = tuple(grid)
+        if pos not in ("none", "sincos"):
+            raise ValueError(f"QU pos={pos!r}; use 'none' (official) or 'sincos'.")
+        if pos == "sincos":
+            sincos_pos((1, 1), dim)  # the width check, before anything is built
+        self.grid, self.pos, self.skip = tuple(grid), pos, skip
         self.queries = nn.Parameter(torch.randn(grid[0] * grid[1], dim) * 0.02)
         self.shallow = segvit.LayerTokens(in_dim, dim)
         self.deep = segvit.LayerTokens(in_dim, dim)
@@ -91,16 +143,24 @@ class QueryUpsampler(nn.Module):
             nn.init.normal_(self.queries, std=1.0)
 
     def forward(self, shallow: Tensor, deep: Tensor, grid: tuple[int, int]) -> Tensor:
-        """shallow: (B, h*w, C) at 1/16, deep: (B, h'*w', C) at 1/32, grid: (h, w)
-        -> (B, h*w, d)."""
+        """shallow: (B, h*w, C) at 1/16, deep: (B, h'*w', C) at 1/32 (h' = ceil(h/2)),
+        grid: (h, w) -> (B, h*w, d)."""
         q = self.queries
         if tuple(grid) != self.grid:  # another input size: resample the query grid like a pos-embed
             q = q.T.reshape(1, -1, *self.grid)
             q = F.interpolate(q, size=grid, mode="bilinear", align_corners=False)
             q = q.flatten(2)[0].T
+        tokens16, mem32 = self.shallow(shallow), self.deep(deep)     # (B, h*w, d), (B, h'*w', d)
+        mem16 = tokens16
+        if self.pos == "sincos":
+            d, small = q.shape[-1], ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+            pos16 = sincos_pos(grid, d).to(q)
+            q = q + pos16
+            mem16 = mem16 + pos16
+            mem32 = mem32 + sincos_pos(small, d, stride=2).to(q)
         q = q.expand(shallow.shape[0], -1, -1)
-        q = self.decode_shallow(q, self.shallow(shallow))
-        return self.decode_deep(q, self.deep(deep))
+        q = self.decode_deep(self.decode_shallow(q, mem16), mem32)
+        return q + tokens16 if self.skip else q
 
 
 class ATMSingleHead(nn.Module):
@@ -216,7 +276,7 @@ def build_shrunk(cfg, vit: nn.Module, num_classes: int) -> ShrunkSegViT:
     C = backbone.embed_dim
     up = QueryUpsampler(in_dim=C, dim=cfg.decoder_dim, num_heads=cfg.decoder_heads, grid=grid,
                         depth=cfg.layers_per_stage, dropout=cfg.decoder_dropout,
-                        official_init=cfg.official_init)
+                        official_init=cfg.official_init, pos=cfg.qu_pos, skip=cfg.qu_skip)
     head = ATMSingleHead(num_classes=num_classes, dim=cfg.decoder_dim,
                          num_heads=cfg.decoder_heads, num_layers=cfg.layers_per_stage,
                          dropout=cfg.decoder_dropout, attn_dropout=cfg.atm_attn_dropout,

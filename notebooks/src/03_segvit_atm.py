@@ -534,23 +534,34 @@ plt.show()
 # SegViT-Shrunk (QD at block index 2 of 4, 3-layer QU decoders, 3 supervised head layers) with the
 # quick recipe, 300 steps each, and writes their mIoU and cost to
 # `benchmarks/results/bench_shrunk_quick.json`. The cell below prints that file (it does not
-# train: two more runs would not fit this notebook's minute). In our runs the Shrunk model did
-# **not** learn at this scale: its masks stay flat (dice ≈ 0.69 throughout) and it predicts
-# background everywhere (mIoU 0.088 = the background's IoU / 10 classes), with the official or the
-# small query init, 1 or 3 layers, lr 4e-3 or 1e-3. Its 1/16 map comes only from QU's learned
-# queries, which must discover from scratch which position each one stands for; here they
-# collapsed to one token. A pretrained ViT-L and 160k iterations give the paper's 53.9; 300 steps
-# from scratch gave nothing. It is also *dearer* here
-# than plain SegViT: on a 4-block, 96-wide ViT the decoders dominate the cost, and the saving only
-# appears when most of a large ViT runs at 1/32 — the table below.
+# train: two more runs would not fit this notebook's minute).
+#
+# **At quick scale QU differs from the official one in two ways**, each a `SegViTConfig` field
+# whose full-scale value is the official code's. The official QU's learned queries carry no
+# position: query $i$ must learn which 1/16 position it stands for and find that position's tokens
+# by attention, guided by the position embedding a *pretrained* ViT has mixed into them. From
+# scratch that never starts — at init every query attends almost uniformly, so all 64 QU outputs
+# are the same image average, the head's masks are flat and the model predicts background
+# everywhere (mIoU 0.088, the "official QU" row: the background's IoU / 10 classes). So the quick
+# run adds a fixed 2-D sine-cosine **position code** to the queries and to both memories
+# (`qu_pos="sincos"`; official `"none"`), and a **skip**: the projected 1/16 tokens added to QU's
+# output (`qu_skip=True`; official `False`), so the head sees each position's own content from the
+# first step while QU learns what the 1/32 tokens add. In 120-step trials the code alone, or the
+# queries started from the 1/16 tokens, stayed at 0.088; the skip alone reached mIoU 0.34 and
+# code + skip 0.78.
+#
+# Shrunk is also *dearer* here than plain SegViT: on a 4-block, 96-wide ViT the decoders dominate
+# the cost, and the saving only appears when most of a large ViT runs at 1/32 — the table below.
 
 # %%
 recorded = Path(vl.__file__).resolve().parents[1] / "benchmarks/results/bench_shrunk_quick.json"
 if recorded.is_file():
     print("recorded by `vitseg-lab bench bench_shrunk_quick` (300 steps each, 64×64 ShapeScenes):")
     for r in json.loads(recorded.read_text()):
-        print(f"  {r['model']:<14} mIoU {r['mIoU']:.3f}   {r['gmacs_fvcore'] * 1e3:6.1f} M "
-              f"multiply-adds per image (fvcore rules), {r['params_M']:.2f} M parameters")
+        print(f"  {r['model']:<26} mIoU {r['mIoU']:.3f}   {r['gmacs_fvcore'] * 1e3:5.1f} M "
+              f"multiply-adds per image (fvcore rules; torch {r['gmacs_torch'] * 1e3:.1f} M), "
+              f"{r['params_M']:.2f} M parameters, trained in {r['train_seconds']:.0f} s")
+    print("(wall times on a shared 2-core CPU: they move with its load)")
 else:
     print("no recorded run here: `vitseg-lab bench bench_shrunk_quick` trains both and records it")
 
