@@ -40,10 +40,11 @@ from .inference import resize_short, slide_inference
 from .metrics import SegMeter
 from .train import TrainConfig, run_chapter, skipped_run, unwrap
 
-__all__ = ["PAPER", "ATMDecoderLayer", "ATMHead", "ATMOutput", "LayerTokens", "PatchOnlyBackbone",
-           "SegViT", "SegViTConfig", "atm_mask_logits", "atm_similarity", "build", "cascade_masks",
-           "full_scale_check", "init_official", "load", "loss_fn", "metric_fn", "query_downsample",
-           "quick_data", "run", "semantic_scores"]
+__all__ = ["MS_RATIOS", "PAPER", "ATMDecoderLayer", "ATMHead", "ATMOutput", "LayerTokens",
+           "PatchOnlyBackbone", "SegViT", "SegViTConfig", "atm_mask_logits", "atm_similarity",
+           "aug_test_scores", "build", "cascade_masks", "full_scale_check", "init_official",
+           "load", "loss_fn", "metric_fn", "query_downsample", "quick_data", "run",
+           "semantic_scores"]
 
 
 #: The paper's numbers (its tables, as the official README lists them): ADE20K val.
@@ -55,7 +56,13 @@ PAPER = {
     "vit_l_shrunk_gflops": 373.5,
     "vit_b_gflops": 120.9,            # at crop 512 (the ViT-B row's setting)
     "vit_l_ade_miou_ms": 55.2,
+    "vit_b_ade_miou_ms": 53.0,
+    "vit_l_shrunk_ade_miou_ms": 55.1,
 }
+
+#: The "ms" column's test-time scales: mmseg's ``MultiScaleFlipAug`` ratios (the official configs
+#: carry them commented out next to ``img_scale=(2048, crop)``), each also flipped.
+MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,6 +484,10 @@ class SegViTConfig(chapters.ScalePresets):
     max_objects: int = 3
     crop: int = 640                   # full scale: training crop and sliding window
     slide_stride: int = 608
+    # full-scale evaluation: (1.0,) and no flip = single scale (the "ss" column); MS_RATIOS and
+    # flip = the "ms" column (``--test_ratios 0.5,0.75,1.0,1.25,1.5,1.75 --test_flip true``)
+    test_ratios: tuple[float, ...] = (1.0,)
+    test_flip: bool = False
     target_metric: str = "mIoU"
     target: float = 0.80              # the mIoU the run is expected to reach (full: the paper's)
     global_batch_size: int | None = None
@@ -536,8 +547,9 @@ class SegViTConfig(chapters.ScalePresets):
     def full_large(cls) -> SegViTConfig:
         """The headline ViT-L/16 row (54.6 single-scale / 55.2 multi-scale, 637.9 GFLOPs):
         ``full()`` with the ViT-L weights, crop 640, windows 640 / stride 608, drop-path 0.3,
-        layers [7, 15, 23], d = 512, 16 heads. ``scale="full-large"``; multi-scale testing (55.2)
-        is not implemented, so the target is the single-scale 54.6."""
+        layers [7, 15, 23], d = 512, 16 heads. ``scale="full-large"``; the target is the
+        single-scale 54.6 (``test_ratios=MS_RATIOS, test_flip=True`` evaluates the 55.2 row's
+        multi-scale + flip test)."""
         b = cls.full()
         return replace(b, model_name=FULL_LARGE_MODEL, img_size=640, embed_dim=1024, depth=24,
                        num_heads=16, drop_path=0.3, out_layers=(7, 15, 23), decoder_dim=512,
@@ -595,8 +607,9 @@ def loss_fn(model: nn.Module, batch: dict) -> dict[str, Tensor]:
 @torch.no_grad()
 def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
     """``fit``'s metric_fn: mIoU / pixel accuracy over the loader (a confusion matrix over all of
-    it). Full scale: each image resized to short side ``crop`` (long side <= 2048, as the paper's
-    test pipeline), scored by sliding windows, and the scores resized back to the label size."""
+    it). Full scale: ``aug_test_scores`` per image -- resized to short side ``crop`` (long side
+    <= 2048, as the paper's test pipeline), scored by sliding windows, the scores resized back to
+    the label size; with ``cfg.test_ratios`` / ``cfg.test_flip`` at every scale and flip."""
     cfg = model.cfg
     meter = SegMeter(model.num_classes)
     for batch in loader:
@@ -605,12 +618,41 @@ def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
             meter.update(model.predict(images).argmax(1), labels)
             continue
         for image, label in zip(images, labels):  # ADE images differ in size: one at a time
-            x = resize_short(image[None], cfg.crop, long_max=2048)
-            s = slide_inference(model, x, crop=cfg.crop, stride=cfg.slide_stride)
-            s = F.interpolate(s, size=label.shape[-2:], mode="bilinear", align_corners=False)
+            s = aug_test_scores(model, image[None], crop=cfg.crop, stride=cfg.slide_stride,
+                                ratios=cfg.test_ratios, flip=cfg.test_flip,
+                                size=tuple(label.shape[-2:]))
             meter.update(s.argmax(1), label[None])
     m = meter.compute()
     return {"mIoU": m["mIoU"], "pixel_acc": m["pixel_acc"], "iou": m["iou"]}
+
+
+@torch.no_grad()
+def aug_test_scores(model: nn.Module, image: Tensor, *, crop: int, stride: int,
+                    ratios: Sequence[float] = (1.0,), flip: bool = False, long_max: int = 2048,
+                    size: tuple[int, int] | None = None) -> Tensor:
+    """Multi-scale (+ flip) sliding-window scores, as mmsegmentation's ``aug_test`` (which the
+    official code's ms numbers come from): for each ratio r the image is resized to short side
+    crop·r (long side <= long_max·r), scored by ``slide_inference`` (and, with ``flip``, also
+    mirrored left-right and its scores mirrored back), the scores resized (bilinear) to ``size``
+    and soft-maxed over K as mmseg's ``EncoderDecoder.inference``; the result is their mean.
+    One ratio of 1.0 without flip is the single-scale test (the softmax leaves its argmax alone).
+
+    image: (B, 3, H, W) -> (B, K, *size) (size defaults to (H, W)).
+    """
+    if not ratios:
+        raise ValueError("ratios is empty; use (1.0,) for single-scale testing or MS_RATIOS.")
+    size = tuple(size or image.shape[-2:])
+    total, n = None, 0
+    for r in ratios:
+        x = resize_short(image, round(crop * r), long_max=round(long_max * r))
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            s = slide_inference(model, xi, crop=crop, stride=stride)
+            if flipped:
+                s = s.flip(-1)
+            s = F.interpolate(s, size=size, mode="bilinear", align_corners=False).softmax(1)
+            total, n = (s if total is None else total + s), n + 1
+    return total / n
 
 
 def quick_data(cfg: SegViTConfig) -> tuple[ShapeScenes, ShapeScenes]:
@@ -628,10 +670,19 @@ def full_data(cfg: SegViTConfig) -> tuple[ADE20K, ADE20K]:
 
 
 def full_scale_check(cfg: SegViTConfig | None = None) -> str | None:
-    """None, or every piece the full-scale run lacks (GPU, ViT-B/16 weights, ADE20K), one line
-    each with the command that provides it."""
+    """None, or every piece the full-scale run lacks (GPU, ViT-B/16 weights -- ViT-L/16 for
+    ``full_large()`` --, ADE20K), one line each with the command that provides it."""
     cfg = cfg or SegViTConfig.full()
-    return fullscale.check(SLUG, cfg.model_name if cfg.pretrained else None, gpus=8)
+    msg = fullscale.check(SLUG, cfg.model_name if cfg.pretrained else None, gpus=8)
+    if msg and cfg.model_name == FULL_LARGE_MODEL:
+        # fullscale's GPU line names `--scale full` and the notebook (both the ViT-B row); the
+        # ViT-L row is `--scale full-large`, which has no notebook scale.
+        full = fullscale.gpu_line(SLUG, gpus=8)
+        if full:
+            msg = msg.replace(full, "a CUDA GPU (none found): on a GPU machine run `torchrun "
+                              "--nproc_per_node 8 -m vitseg_lab.cli train segvit --scale "
+                              "full-large` on 8 GPUs (the ViT-L/16 640 row).")
+    return msg
 
 
 def per_process_batch(cfg: SegViTConfig, world_size: int | None = None) -> SegViTConfig:

@@ -602,9 +602,14 @@ flops.print_flops_table(rows)
 #     torchrun --nproc_per_node 8 -m vitseg_lab.cli train segvit --scale full
 #
 # `cfg.global_batch_size = 16` is split over the processes (`WORLD_SIZE`): 2 images per GPU on 8
-# GPUs, 16 on one. The headline ViT-L/16 row (54.6 single-scale; 55.2 is multi-scale, not
-# implemented here) is `SegViTConfig.full_large()`: 640 crops, windows 640 / stride 608. Here, at
-# quick scale, the cell below lists what this machine lacks for the ViT-B run, one line each.
+# GPUs, 16 on one. The headline ViT-L/16 row (54.6 single-scale) is `SegViTConfig.full_large()`
+# (`--scale full-large`): 640 crops, windows 640 / stride 608. The paper's multi-scale column
+# (ViT-B 53.0, ViT-L 55.2, Shrunk 55.1) averages the windows' scores over six scales and their
+# mirror images (`segvit.aug_test_scores`, mmsegmentation's `aug_test`): add
+# `--test_ratios 0.5,0.75,1.0,1.25,1.5,1.75 --test_flip true` to the command (every evaluation
+# then scores each image 12 times), or set those two fields on a trained model's `model.cfg`
+# (`segvit.load(checkpoint)`) before `segvit.metric_fn`. Here, at quick scale, the cell below
+# lists what this machine lacks for the ViT-B run, one line each.
 
 # %%
 if result.skipped:

@@ -328,6 +328,95 @@ def test_slide_inference_one_window_is_predict(quick_model):
                                    quick_model.predict(x))
 
 
+class _RampModel(_PixelModel):
+    """Per-pixel scores plus a left-to-right ramp: not mirror-symmetric, so flip matters."""
+
+    def predict(self, images):
+        ramp = torch.linspace(0, 1, images.shape[-1]).expand(*images.shape[-2:])
+        return self.conv(images) + ramp * torch.arange(4.0).view(1, 4, 1, 1)
+
+
+def _one_aug(m, x, r, flipped, crop, stride, size):
+    """One augmentation written out: resize, (mirror,) slide, (mirror back,) resize, softmax."""
+    H, W = x.shape[-2:]
+    sc = min(crop * r / min(H, W), 2048 * r / max(H, W))
+    xi = F.interpolate(x, size=(round(H * sc), round(W * sc)), mode="bilinear",
+                       align_corners=False)
+    if flipped:
+        xi = torch.flip(xi, dims=[3])
+    s = inference.slide_inference(m, xi, crop=crop, stride=stride)
+    if flipped:
+        s = torch.flip(s, dims=[3])
+    return F.interpolate(s, size=size, mode="bilinear", align_corners=False).softmax(1)
+
+
+def test_aug_test_single_scale_is_the_sliding_window_test():
+    torch.manual_seed(0)
+    m, x = _PixelModel(), torch.rand(1, 3, 37, 53)
+    got = segvit.aug_test_scores(m, x, crop=16, stride=12, size=(20, 30))
+    vl.expect_shape(got, "B K H W", B=1, K=4, H=20, W=30)
+    torch.testing.assert_close(got, _one_aug(m, x, 1.0, False, 16, 12, (20, 30)))
+    # the softmax keeps the single-scale argmax of the raw scores
+    raw = F.interpolate(inference.slide_inference(m, inference.resize_short(x, 16, 2048), crop=16,
+                                                  stride=12), size=(20, 30), mode="bilinear",
+                        align_corners=False)
+    assert torch.equal(got.argmax(1), raw.argmax(1))
+    with pytest.raises(ValueError, match="ratios"):
+        segvit.aug_test_scores(m, x, crop=16, stride=12, ratios=())
+
+
+def test_aug_test_multi_scale_and_flip_average_every_augmentation():
+    torch.manual_seed(1)
+    m, x = _RampModel(), torch.rand(1, 3, 30, 44)
+    ratios, size = (0.5, 1.0, 1.75), (30, 44)
+    got = segvit.aug_test_scores(m, x, crop=16, stride=12, ratios=ratios, flip=True)
+    want = torch.stack([_one_aug(m, x, r, f, 16, 12, size) for r in ratios
+                        for f in (False, True)]).mean(0)
+    torch.testing.assert_close(got, want)
+    no_flip = segvit.aug_test_scores(m, x, crop=16, stride=12, ratios=ratios)
+    assert not torch.allclose(got, no_flip), "the ramp is not mirror-symmetric: flip must count"
+    # a mirror-symmetric (per-pixel) model: flipping changes nothing
+    p = _PixelModel()
+    torch.testing.assert_close(segvit.aug_test_scores(p, x, crop=16, stride=12, flip=True),
+                               segvit.aug_test_scores(p, x, crop=16, stride=12))
+    assert segvit.MS_RATIOS == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    assert (segvit.PAPER["vit_l_ade_miou_ms"], segvit.PAPER["vit_l_shrunk_ade_miou_ms"],
+            segvit.PAPER["vit_b_ade_miou_ms"]) == (55.2, 55.1, 53.0)
+
+
+def test_full_scale_metric_uses_the_configured_test_augmentation(monkeypatch, quick_model):
+    seen = []
+
+    def fake(model, image, **kw):
+        seen.append(kw)
+        return torch.rand(1, 5, *kw["size"])
+
+    monkeypatch.setattr(segvit, "aug_test_scores", fake)
+    cfg = replace(quick_model.cfg, dataset="ade20k", crop=32, slide_stride=24,
+                  test_ratios=segvit.MS_RATIOS, test_flip=True)
+    old, quick_model.cfg = quick_model.cfg, cfg
+    try:
+        loader = [{"image": torch.rand(2, 3, 40, 48), "semantic": torch.randint(0, 5, (2, 20, 24))}]
+        m = segvit.metric_fn(quick_model, loader)
+    finally:
+        quick_model.cfg = old
+    assert 0 <= m["mIoU"] <= 1 and len(seen) == 2
+    assert seen[0] == {"crop": 32, "stride": 24, "ratios": segvit.MS_RATIOS, "flip": True,
+                       "size": (20, 24)}
+    full = segvit.SegViTConfig.full()
+    assert (full.test_ratios, full.test_flip) == ((1.0,), False), "the ss column by default"
+
+
+def test_full_large_missing_pieces_name_the_full_large_command(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu = segvit.full_scale_check(segvit.SegViTConfig.full_large()).splitlines()[1]
+    assert gpu.startswith("- a CUDA GPU") and "--scale full-large`" in gpu, gpu
+    assert "VITSEG_SCALE=full" not in gpu, "the notebook's full scale is the ViT-B row"
+    base = segvit.full_scale_check(segvit.SegViTConfig.full()).splitlines()[1]
+    assert "--scale full`" in base and "full-large" not in base
+
+
 # ---------------------------------------------------------------------------- configs and run
 
 def test_configs_hold_the_paper_recipe():
