@@ -21,7 +21,7 @@ paper's way) and under FlopCounterMode's defaults. On a 4-block, 96-wide toy ViT
 dominates the cost, so Shrunk does *not* save here: the saving the paper reports (41%) comes from
 running 16 of ViT-L's 24 blocks on a quarter of the tokens.
 
-Usage: ``python benchmarks/bench_shrunk_quick.py [--steps 300] [--json PATH] [--only NAME]``
+Usage: ``python benchmarks/bench_shrunk_quick.py [--steps N] [--json PATH] [--only NAME]``
 (``vitseg-lab train segvit --structure shrunk --qd_index 2 --layers_per_stage 3`` trains the
 quick Shrunk model alone). One thread per run; wall times depend on the machine and its load.
 """
@@ -48,7 +48,8 @@ def configs(steps: int) -> dict[str, segvit.SegViTConfig]:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=segvit.SegViTConfig.quick().train.steps,
+                    help="training steps of each run (default: the quick config's)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--only", default=None, choices=list(configs(1)),
                     help="train one of them (its row replaces that row of --json)")

@@ -533,7 +533,7 @@ plt.show()
 #
 # It trains at quick scale too: `vitseg-lab bench bench_shrunk_quick` trains plain SegViT and
 # SegViT-Shrunk (QD at block index 2 of 4, 3-layer QU decoders, 3 supervised head layers) with the
-# quick recipe, 300 steps each, and writes their mIoU and cost to
+# quick recipe (240 steps each), and writes their mIoU and cost to
 # `benchmarks/results/bench_shrunk_quick.json`. The cell below prints that file (it does not
 # train: two more runs would not fit this notebook's minute).
 #
@@ -557,14 +557,16 @@ plt.show()
 # %%
 recorded = Path(vl.__file__).resolve().parents[1] / "benchmarks/results/bench_shrunk_quick.json"
 if recorded.is_file():
-    print("recorded by `vitseg-lab bench bench_shrunk_quick` (300 steps each, 64×64 ShapeScenes):")
-    for r in json.loads(recorded.read_text()):
+    quick_rows = json.loads(recorded.read_text())
+    print(f"recorded by `vitseg-lab bench bench_shrunk_quick` ({quick_rows[0]['steps']} steps "
+          "each, 64×64 ShapeScenes):")
+    for r in quick_rows:
         print(f"  {r['model']:<26} mIoU {r['mIoU']:.3f}   {r['gmacs_fvcore'] * 1e3:5.1f} M "
               f"multiply-adds per image (fvcore rules; torch {r['gmacs_torch'] * 1e3:.1f} M), "
               f"{r['params_M']:.2f} M parameters, trained in {r['train_seconds']:.0f} s")
     print("(wall times on a shared 2-core CPU: they move with its load)")
 else:
-    print("no recorded run here: `vitseg-lab bench bench_shrunk_quick` trains both and records it")
+    print("no recorded run here: `vitseg-lab bench bench_shrunk_quick` trains them and records it")
 
 # %% [markdown]
 # ### What the Shrunk structure saves, measured — counted the paper's way
