@@ -63,6 +63,7 @@ __all__ = [
     "run",
     "seg_loss",
     "stage_predictions",
+    "walk_affinity",
     "window_mask",
 ]
 
@@ -386,11 +387,14 @@ class AFA(nn.Module):
         backbone: ``vitseg_lab.backbone.ViTBackbone`` (its ``out_layers`` feed the seg head).
         num_classes: K, background included.
         attn_blocks: how many of the last blocks give attention logits (the paper: 2).
+        aff_init: "kaiming" (the released code's init of the head weighting) or "zero" (every
+            affinity starts at σ(0) = 0.5, see ``AFAConfig.aff_init``).
         seg_dim: the seg head's width d. pooling: "gmp" (the paper) or "gap".
         pixel_mean, pixel_std: input normalisation (images arrive in [0, 1]).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, attn_blocks: int = 2,
+                 aff_init: str = "kaiming",
                  seg_dim: int = 256, pooling: str = "gmp",
                  pixel_mean: Sequence[float] = (0.5, 0.5, 0.5),
                  pixel_std: Sequence[float] = (0.5, 0.5, 0.5)):
@@ -406,7 +410,14 @@ class AFA(nn.Module):
         C = backbone.embed_dim
         self.classifier = nn.Conv2d(C, num_classes - 1, 1, bias=False)
         self.attn_proj = nn.Conv2d(attn_blocks * backbone.num_heads, 1, 1, bias=True)
-        nn.init.kaiming_normal_(self.attn_proj.weight, a=math.sqrt(5), mode="fan_out")
+        if aff_init == "kaiming":
+            nn.init.kaiming_normal_(self.attn_proj.weight, a=math.sqrt(5), mode="fan_out")
+        elif aff_init == "zero":
+            nn.init.zeros_(self.attn_proj.weight)
+            nn.init.zeros_(self.attn_proj.bias)
+        else:
+            raise ValueError(f"aff_init={aff_init!r}; use 'kaiming' (the released code) or "
+                             "'zero'.")
         self.seg_head = SegHead(C, len(backbone.out_layers), seg_dim, num_classes)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
@@ -479,26 +490,37 @@ class AFA(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def multi_scale_cams(model: AFA, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5)
-                     ) -> tuple[Tensor, Tensor, tuple[int, int]]:
+def multi_scale_cams(model: AFA, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
+                     flip: bool = True) -> tuple[Tensor, Tensor, tuple[int, int]]:
     """No-grad CAMs over ``scales`` with flips, and the affinity of the largest scale.
 
     Each view's CAM is the learner's ``class_activation_maps``; a view and its mirror are merged
     by a max, the scales summed and the sum min-max normalised again. (The released code sums
     the *raw* ReLU maps; normalising each view first weighs the scales equally, and a chapter
-    exercise returns normalised maps.) -> (cams (B, K-1, H, W) in [0, 1], affinity (B, L, L) of
-    the un-flipped largest scale, its grid (h, w)).
+    exercise returns normalised maps.) ``flip=False`` skips the mirrors. -> (cams
+    (B, K-1, H, W) in [0, 1], affinity (B, L, L) of the un-flipped largest scale, its grid (h, w)).
     """
     B, _, H, W = images.shape
     total, aff, grid = 0, None, None
     for s in sorted(scales):                          # largest last: its affinity is kept
         x = images if s == 1.0 else _resize(images, model._scaled(H, W, s))
-        out = model(torch.cat([x, x.flip(-1)]), seg=False)
+        out = model(torch.cat([x, x.flip(-1)]) if flip else x, seg=False)
         cam = model.cams(out, (H, W))
-        total = total + torch.maximum(cam[:B], cam[B:].flip(-1))
+        total = total + (torch.maximum(cam[:B], cam[B:].flip(-1)) if flip else cam)
         aff, grid = out.affinity[:B], out.grid
     total = total - total.amin(dim=(-2, -1), keepdim=True)
     return total / (total.amax(dim=(-2, -1), keepdim=True) + 1e-5), aff, grid
+
+
+@torch.no_grad()
+def walk_affinity(model: AFA, images: Tensor, scale: float = 1.0) -> tuple[Tensor, tuple[int, int]]:
+    """The affinity a random walk uses: one no-grad forward of ``images`` resized by ``scale``
+    (no mirror) -> (affinity (B, L, L), its grid (h, w)). A scale above 1 gives a finer token
+    grid, as the released code's training walk on the 1.5x view (METHODS §2.0)."""
+    H, W = images.shape[-2:]
+    x = images if scale == 1.0 else _resize(images, model._scaled(H, W, scale))
+    out = model(x, seg=False)
+    return out.affinity, out.grid
 
 
 def _par_refine(half: Tensor, maps: Sequence[Tensor], size: Sequence[int], cfg: AFAConfig
@@ -595,33 +617,47 @@ class AFAConfig(chapters.ScalePresets):
     ``seg_layers``: 0-based blocks read by the seg head. Pseudo labels: ``high_thre`` /
     ``low_thre`` (β_h, β_l), ``bkg_score`` for the evaluation label, ``cam_scales``. PAR:
     ``par_dilations``, ``par_iters``, ``par_w1``, ``par_w2``. Affinity: ``radius`` (tokens),
-    ``alpha``. Schedule: ``cam_iters`` classification-only steps, then PAR labels until
-    ``rw_after``, then random-walk labels; ``seg_weight`` / ``aff_weight`` (λ1, λ2).
+    ``alpha``, ``aff_init``, ``walk_scale``. Schedule: ``cam_iters`` classification-only
+    steps, then PAR labels until ``rw_after``, then random-walk labels; ``seg_weight`` /
+    ``aff_weight`` (λ1, λ2). Where quick scale departs from the released values, the field's
+    comment says why (full() restores them).
     """
 
     # backbone
     model_name: str = "quick"
     pretrained: bool = False
+    # Quick scale: 4x4 patches, a 16x16 token grid. Objects are 12-28 px across, so 8x8 patches
+    # left them 1.5-3.5 tokens wide: most object tokens were part background, and a random walk
+    # on that grid lowered the CAM even with an oracle affinity (benchmarks/diag_afa_rw.py).
+    # Width 64 / 2 heads pays for the 4x more tokens within the notebook's minute.
     img_size: int = 64
-    patch_size: int = 8
-    embed_dim: int = 96
+    patch_size: int = 4
+    embed_dim: int = 64
     depth: int = 4
-    num_heads: int = 3
+    num_heads: int = 2
     drop_path: float = 0.0
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     seg_layers: tuple[int, ...] = (1, 2, 3)
     seg_dim: int = 64
     attn_blocks: int = 2
+    # Quick scale: the affinity head starts at weight 0, bias 0 (every A = 0.5). With the released
+    # kaiming init on a ViT trained from scratch, the attention logits reach +-30, the sigmoid
+    # saturates, and the affinity loss, linear in A, has no gradient there: we measured every
+    # affinity collapsing to 0 (loss stuck at 0.5) even when trained on the affinity loss alone.
+    # full(): "kaiming", the released code's, on pretrained attention.
+    aff_init: str = "zero"
     pooling: str = "gmp"
     freeze_backbone_norm: bool = False     # the released code trains backbone norms at lr 0
     # pseudo labels
     high_thre: float = 0.55
     low_thre: float = 0.35
     bkg_score: float = 0.45
-    # The paper's (1.0, 0.5, 1.5). At 64 px the 0.5 view is a 4x4 grid that adds nothing and the
-    # 1.5 view more than doubles the cost of a step: quick scale uses the image and its mirror.
+    # The paper's (1.0, 0.5, 1.5) with mirrors. At 64 px the 0.5 view adds nothing and every
+    # extra view costs a forward pass per step: quick scale uses the image alone, and the
+    # training step reuses its own forward for the CAM (no second pass).
     cam_scales: tuple[float, ...] = (1.0,)
+    cam_flip: bool = False
     # PAR
     # Quick scale: PAR runs on 32x32 half-resolution images, where dilations 12 and 24 reach
     # across the whole image; (1, 2, 4) covers the same fraction of it as the paper's set does
@@ -630,18 +666,24 @@ class AFAConfig(chapters.ScalePresets):
     par_iters: int = 10
     par_w1: float = 0.3
     par_w2: float = 0.01
-    # affinity and random walk. The paper's radius 8 is a quarter of its 32x32 grid; on the quick
-    # 8x8 grid radius 8 would pair every token with every other, so 2 keeps the same fraction.
+    # affinity and random walk. The paper's radius 8 on its 32x32 grid; quick scale uses 2 on
+    # its 16x16 grid (objects are 3-7 tokens across: a wider window mixes in background).
     radius: int = 2
     alpha: float = 2.0
-    # schedule and loss weights. Quick scale: 70 classification-only steps (the CAMs must mean
-    # something first), then 50 with PAR labels. The switch to random-walk labels is left to full
-    # scale (6,000 steps): on the quick 8x8 grid even an oracle affinity lowers the CAM, and the
-    # learned one is not semantic yet (benchmarks/diag_afa_rw.py; the notebook gives the numbers).
-    cam_iters: int = 70
-    rw_after: int = 120
+    # The view whose affinity the walk uses. None: the released code's (training: the largest
+    # CAM scale, 1.5x; evaluation: the image itself). Quick scale: the 2x view (a 32x32 grid) for
+    # both, its walk's output is finer than the 16x16 CAM it refines.
+    walk_scale: float | None = 1.5
+    # schedule and loss weights. Quick scale: 55 classification-only steps (the CAMs must mean
+    # something first), then 45 with PAR labels. The switch to random-walk labels is left to full
+    # scale (6,000 steps): at quick scale the walk lifts the CAM but, after PAR, not the CAM + PAR
+    # label the seg head already trains on (the notebook gives the numbers).
+    cam_iters: int = 55
+    rw_after: int = 100
     seg_weight: float = 0.1
-    aff_weight: float = 0.1
+    # Quick scale: λ2 = 1. With the paper's 0.1, 50 steps from scratch barely move the affinity
+    # (same-class pairs stay near 0.5); full() uses 0.1.
+    aff_weight: float = 1.0
     # data
     dataset: str = "shapes"              # "shapes" | "voc"
     num_train: int = 2048
@@ -654,14 +696,14 @@ class AFAConfig(chapters.ScalePresets):
     eval_scales: tuple[float, ...] = (1.0,)
     eval_flip: bool = False
     crf: bool = False                    # DenseCRF at full-scale evaluation (pydensecrf)
-    # The seg head's mIoU on held-out scenes (no image labels at test time). Our quick runs: 0.63
-    # (CAM 0.66, CAM + PAR 0.80); the paper's log has the seg head a little below the CAM too.
+    # The seg head's mIoU on held-out scenes (no image labels at test time). Our quick run: 0.60
+    # (CAM 0.81, CAM + PAR 0.91); the paper's log has the seg head a little below the CAM too.
     target: float = 0.55
     target_metric: str = "mIoU"
     num_threads: int | None = 1
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=120, batch_size=16, lr=2e-3, weight_decay=0.05, warmup_steps=20, schedule="poly",
-        poly_power=1.0, eval_every=60, log_every=20, grad_clip=1.0, progress=False,
+        steps=100, batch_size=16, lr=2e-3, weight_decay=0.05, warmup_steps=20, schedule="poly",
+        poly_power=1.0, eval_every=50, log_every=20, grad_clip=1.0, progress=False,
         out_dir="runs/afa-quick", resume=False,
         head_prefixes=("classifier", "attn_proj", "seg_head")))
 
@@ -689,8 +731,10 @@ class AFAConfig(chapters.ScalePresets):
         """
         return cls(model_name=FULL_MODEL, pretrained=True, img_size=512, patch_size=16,
                    embed_dim=768, depth=12, num_heads=12, seg_layers=(2, 5, 8, 11), seg_dim=256,
-                   freeze_backbone_norm=True, cam_scales=(1.0, 0.5, 1.5),
-                   par_dilations=(1, 2, 4, 8, 12, 24), radius=8, cam_iters=2000, rw_after=6000, dataset="voc",
+                   freeze_backbone_norm=True, aff_init="kaiming", cam_scales=(1.0, 0.5, 1.5),
+                   cam_flip=True, walk_scale=None, aff_weight=0.1,
+                   par_dilations=(1, 2, 4, 8, 12, 24), radius=8, cam_iters=2000, rw_after=6000,
+                   dataset="voc",
                    num_train=0, num_val=0, eval_scales=(1.0, 0.5, 0.75), eval_flip=True,
                    target=PAPER["voc_val_miou_no_crf"] / 100, num_threads=None,
                    train=TrainConfig(steps=20_000, batch_size=4, lr=6e-5, weight_decay=0.01,
@@ -719,7 +763,8 @@ def build(cfg: AFAConfig, num_classes: int) -> AFA:
             if isinstance(m, nn.LayerNorm):
                 m.requires_grad_(False)
     model = AFA(ViTBackbone(vit, out_layers=sorted(cfg.seg_layers)), num_classes,
-                attn_blocks=cfg.attn_blocks, seg_dim=cfg.seg_dim, pooling=cfg.pooling,
+                attn_blocks=cfg.attn_blocks, aff_init=cfg.aff_init, seg_dim=cfg.seg_dim,
+                pooling=cfg.pooling,
                 pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
     model.cfg = cfg
     return model
@@ -751,11 +796,22 @@ def loss_fn(model: nn.Module, batch: dict) -> dict[str, Tensor]:
     out = model(images)
     terms = {"cls": F.multilabel_soft_margin_loss(out.cls_logits, labels)}
     if step >= cfg.cam_iters:
-        cams, aff_big, grid_big = multi_scale_cams(raw, images, cfg.cam_scales)
+        if tuple(cfg.cam_scales) == (1.0,) and not cfg.cam_flip:
+            # One view: the training forward's own CAM and affinity, detached (quick scale:
+            # a second, no-grad pass over the same images would cost ~40% of a step).
+            with torch.no_grad():
+                cams = raw.cams(out, tuple(images.shape[-2:]))
+                cams = cams - cams.amin(dim=(-2, -1), keepdim=True)   # as multi_scale_cams
+                cams = cams / (cams.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+            aff_big, grid_big = out.affinity.detach(), out.grid
+        else:
+            cams, aff_big, grid_big = multi_scale_cams(raw, images, cfg.cam_scales, cfg.cam_flip)
         with torch.no_grad():
             label = refined_labels(images, cams, labels, cfg, valid)
             aff_label = affinity_labels(_labels_at(label, out.grid), cfg.radius)
             if step >= cfg.rw_after:
+                if cfg.walk_scale is not None:
+                    aff_big, grid_big = walk_affinity(raw, images, cfg.walk_scale)
                 label = propagated_labels(images, cams * labels[:, :, None, None], labels,
                                           aff_big, grid_big, cfg, valid)
         terms["aff"] = affinity_loss(out.affinity, aff_label)
@@ -778,23 +834,23 @@ def stage_predictions(model: AFA, images: Tensor, labels: Tensor,
     (``cfg.bkg_score``, the released evaluation's 0.45), so the stages differ only by the step:
 
     cam: the multi-scale CAM · cam_par: + PAR · rw: the CAM after one random-walk step on the
-    single-scale affinity (as the released validation) · rw_par: + PAR · seg: the seg head
-    (which never sees ``labels``).
+    affinity of the ``cfg.walk_scale`` view (None: the image itself, as the released
+    validation) · rw_par: + PAR · seg: the seg head (which never sees ``labels``).
     """
     cfg = model.cfg
     H, W = images.shape[-2:]
     out: dict[str, Tensor] = {}
     if any(s != "seg" for s in stages):
-        cams, _, _ = multi_scale_cams(model, images, cfg.cam_scales)
+        cams, _, _ = multi_scale_cams(model, images, cfg.cam_scales, cfg.cam_flip)
         cams = cams * labels[:, :, None, None]
         probs = add_background(cams, labels, cfg.bkg_score)
         half = _resize(images, (H // 2, W // 2))
         out["cam"] = probs.argmax(1)
         if "rw" in stages or "rw_par" in stages:
-            single = model(images, seg=False)
-            mask = window_mask(*single.grid, cfg.radius, device=images.device)
-            small = add_background(_resize(cams, single.grid), labels, cfg.bkg_score)
-            rw = random_walk(small, single.affinity, mask, cfg.alpha)
+            aff, grid = walk_affinity(model, images, cfg.walk_scale or 1.0)
+            mask = window_mask(*grid, cfg.radius, device=images.device)
+            small = add_background(_resize(cams, grid), labels, cfg.bkg_score)
+            rw = random_walk(small, aff, mask, cfg.alpha)
             out["rw"] = _resize(rw, (H, W)).argmax(1)
         todo = {}
         if "cam_par" in stages:
@@ -812,8 +868,9 @@ def stage_predictions(model: AFA, images: Tensor, labels: Tensor,
 @torch.no_grad()
 def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
     """mIoU against the true masks at every stage (``stage_predictions``); ``mIoU`` is the seg
-    head's, ``gain_par`` = cam_par − cam and ``gain_rw`` = rw − cam (what each step adds to
-    what it refines). Full scale: one image at a time (VOC images differ in size)."""
+    head's, ``gain_par`` = cam_par − cam, ``gain_rw`` = rw − cam and ``gain_rw_par`` =
+    rw_par − cam_par (what each step adds to what it refines). Full scale: one image at a
+    time (VOC images differ in size)."""
     from .metrics import SegMeter
 
     crf = bool(getattr(model.cfg, "crf", False))
@@ -840,6 +897,7 @@ def metric_fn(model: nn.Module, loader) -> dict[str, Any]:
     res["mIoU"] = res["seg_mIoU"]
     res["gain_par"] = res["cam_par_mIoU"] - res["cam_mIoU"]
     res["gain_rw"] = res["rw_mIoU"] - res["cam_mIoU"]
+    res["gain_rw_par"] = res["rw_par_mIoU"] - res["cam_par_mIoU"]
     if crf:
         res["mIoU_crf"] = res["seg_crf_mIoU"]
     return res
@@ -943,7 +1001,8 @@ def affinity_explorer(model: AFA, dataset, index: int = 0):
     affinity-label window (``affinity_labels`` on the refined pseudo label), and a class's CAM
     before PAR, after PAR and after the random walk — all through the learner's functions.
 
-    Returns a VBox; ``.state`` holds the current choice and the maps drawn.
+    Returns a VBox; ``.state`` holds the current choice (scene, grid [h, w], token, class) and
+    the maps drawn (affinity_row, aff_label_row: (h, w); map_cam, map_cam_par, map_rw: (H, W)).
     """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
@@ -971,16 +1030,16 @@ def affinity_explorer(model: AFA, dataset, index: int = 0):
             img, lab = s["image"][None].to(dev), s["labels"][None].float().to(dev)
             with torch.no_grad():
                 one = model(img, seg=False)
-                cams, _, _ = multi_scale_cams(model, img, cfg.cam_scales)
+                cams, _, _ = multi_scale_cams(model, img, cfg.cam_scales, cfg.cam_flip)
                 cams = cams * lab[:, :, None, None]
                 H, W = img.shape[-2:]
                 half = _resize(img, (H // 2, W // 2))
                 probs = add_background(cams, lab, cfg.bkg_score)
                 refined = _resize(par(half, _resize(probs, (H // 2, W // 2)), cfg.par_dilations,
                                       cfg.par_iters, cfg.par_w1, cfg.par_w2), (H, W))
-                mask = window_mask(*one.grid, cfg.radius, device=dev)
-                rw = random_walk(add_background(_resize(cams, one.grid), lab, cfg.bkg_score),
-                                 one.affinity, mask, cfg.alpha)
+                aff, grid = walk_affinity(model, img, cfg.walk_scale or 1.0)   # as metric_fn
+                rw = random_walk(add_background(_resize(cams, grid), lab, cfg.bkg_score), aff,
+                                 window_mask(*grid, cfg.radius, device=dev), cfg.alpha)
                 label = refined_labels(img, cams, lab, cfg)
                 aff_label = affinity_labels(_labels_at(label, one.grid), cfg.radius)
             cache[i] = {"sample": s, "affinity": one.affinity[0].cpu(), "grid": one.grid,
@@ -1018,8 +1077,10 @@ def affinity_explorer(model: AFA, dataset, index: int = 0):
         for ax in axes[:2]:
             ax.plot([x], [y], "c+", ms=12, mew=2)
         fig.tight_layout()
-        box.state.update({"scene": scene.value, "token": t, "class": k, "affinity_row": aff_row,
-                          "aff_label_row": lab_row, "maps": maps})
+        box.state.update({"scene": scene.value, "grid": [gh, gw], "token": t, "class": k,
+                          "affinity_row": aff_row,
+                          "aff_label_row": lab_row, "map_cam": maps["CAM"],
+                          "map_cam_par": maps["CAM + PAR"], "map_rw": maps["random walk"]})
         with out:
             out.clear_output(wait=True)
             plt.show()

@@ -317,8 +317,44 @@ def test_run_smoke_checkpoint_and_load(tmp_path):
     assert int(loaded.step) == cfg.train.steps
 
 
+def test_affinity_head_init_and_the_single_view_label_path(smoke, monkeypatch):
+    """Quick scale's two departures, checked: the zero-initialised affinity head gives A = 0.5
+    everywhere (the released kaiming init does not); with one view and no mirror, loss_fn's
+    pseudo label uses the training forward's own CAM, equal to a separate no-grad pass."""
+    cfg, train, _, model = smoke
+    batch = train.collate([train[i] for i in range(3)])
+    assert cfg.aff_init == "zero" and cfg.cam_scales == (1.0,) and not cfg.cam_flip
+    fresh = afa.build(cfg, train.num_classes).eval()
+    A = fresh(batch["image"], seg=False).affinity
+    assert torch.equal(A, torch.full_like(A, 0.5))
+    torch.manual_seed(0)
+    kaiming = afa.build(replace(cfg, aff_init="kaiming"), train.num_classes).eval()
+    assert kaiming(batch["image"], seg=False).affinity.std() > 0.01
+    with pytest.raises(ValueError, match="aff_init"):
+        afa.build(replace(cfg, aff_init="xavier"), train.num_classes)
+    seen = {}
+    real = afa.refined_labels
+
+    def spy(images, cams, labels, cfg, valid=None):
+        seen["cams"] = cams
+        return real(images, cams, labels, cfg, valid)
+
+    monkeypatch.setattr(afa, "refined_labels", spy)
+    was_training = model.training
+    model.eval()                                    # no dropout: the two passes must agree
+    try:
+        model.step.fill_(cfg.cam_iters)
+        afa.loss_fn(model, {"image": batch["image"], "labels": batch["labels"]})
+        ref, _, _ = afa.multi_scale_cams(model, batch["image"], (1.0,), flip=False)
+    finally:
+        model.train(was_training)
+    torch.testing.assert_close(seen["cams"], ref)
+
+
 def test_configs_and_full_scale_lines():
     full = afa.AFAConfig.for_scale("full")
+    assert (full.aff_init, full.aff_weight, full.cam_flip, full.walk_scale) == (
+        "kaiming", 0.1, True, None)                  # the released values
     assert full.crop == 512 and full.train.lr == 6e-5 and full.train.steps == 20_000
     assert full.par_dilations == (1, 2, 4, 8, 12, 24) and full.cam_scales == (1.0, 0.5, 1.5)
     assert (full.high_thre, full.low_thre, full.radius) == (0.55, 0.35, 8)
@@ -334,8 +370,9 @@ def test_configs_and_full_scale_lines():
 
 
 def test_non_square_images_through_every_stage(smoke):
-    """A 48x64 image: a 6x8 token grid (h != w) through the affinity, the window, the random
-    walk, PAR and every evaluated stage; the walk's window is the released loop's on that grid."""
+    """A 48x64 image: a non-square token grid (h != w; 12x16 with the quick 4x4 patches) through
+    the affinity, the window, the random walk (also on the 1.5x view's 18x24 grid), PAR and every
+    evaluated stage; the walk's window is the released loop's on that grid."""
     cfg, _, _, model = smoke
     was_training = model.training
     model.eval()
@@ -350,8 +387,12 @@ def _check_non_square(cfg, model):
     images = torch.rand(2, 3, 48, 64, generator=g)
     labels = torch.tensor([[1.0] + [0.0] * 8, [0.0, 1.0, 1.0] + [0.0] * 6])
     out = model(images, seg=False)
-    assert out.grid == (6, 8) and out.affinity.shape == (2, 48, 48)
-    assert torch.equal(afa.window_mask(6, 8, 2), _official_window(6, 8, 2))
+    h, w = 48 // cfg.patch_size, 64 // cfg.patch_size
+    assert h != w and out.grid == (h, w) and out.affinity.shape == (2, h * w, h * w)
+    assert torch.equal(afa.window_mask(h, w, 2), _official_window(h, w, 2))
+    aff, grid = afa.walk_affinity(model, images, 1.5)
+    n = grid[0] * grid[1]
+    assert grid == (round(1.5 * h), round(1.5 * w)) and aff.shape == (2, n, n)
     cams, aff, grid = afa.multi_scale_cams(model, images, (1.0,))
     label = afa.propagated_labels(images, cams * labels[:, :, None, None], labels, aff, grid, cfg)
     assert label.shape == (2, 48, 64)
@@ -399,7 +440,8 @@ def test_affinity_explorer_controls_run_the_learner_functions(smoke):
         h = w = cfg.img_size // cfg.patch_size
         st = box.state
         assert st["affinity_row"].shape == (h, w) and st["aff_label_row"].shape == (h, w)
-        assert set(st["maps"]) == {"CAM", "CAM + PAR", "random walk"}
+        assert all(st[k].shape == (cfg.img_size, cfg.img_size)
+                   for k in ("map_cam", "map_cam_par", "map_rw"))
         assert all(calls[k] > 0 for k in calls), calls
         assert set(st["aff_label_row"].unique().tolist()) <= {0.0, 1.0, float(afa.IGNORE)}
         scene, _klass = box.children[0].children
