@@ -124,7 +124,8 @@ class QueryUpsampler(nn.Module):
                  pos: str = "none", skip: bool = False):
         super().__init__()
         if pos not in ("none", "sincos"):
-            raise ValueError(f"QU pos={pos!r}; use 'none' (official) or 'sincos'.")
+            raise ValueError(f"QU pos={pos!r} (SegViTConfig.qu_pos); use 'none' (official) or "
+                             "'sincos'.")
         if pos == "sincos":
             sincos_pos((1, 1), dim)  # the width check, before anything is built
         self.grid, self.pos, self.skip = tuple(grid), pos, skip
