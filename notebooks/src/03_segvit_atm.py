@@ -426,12 +426,12 @@ print("untrained loss:", {k: round(float(v.detach()), 3) for k, v in terms.items
 # on one CPU core and should reach **mIoU ≥ 0.80** on 256 held-out scenes (`run` trains on
 # `cfg.num_threads = 1` thread: these matmuls are too small to split). Watch the eval curve
 # (right): for the first ~120 steps mIoU stays near 0.2-0.4 — the model knows colours, not
-# shapes — then it learns shapes and mIoU climbs past 0.8 (in our runs between steps 180 and
-# 240: 0.85-0.87 at the end over three seeds).
+# shapes — then it learns shapes and mIoU climbs past 0.8 by the end (0.85-0.87 in our runs,
+# over three seeds).
 # On the left, `loss` is the weighted total summed over the 3 stages; `ce`, `focal` and `dice` are
 # the last stage's terms, unweighted, so they do not add up to it. (Under nbgrader the run is 3
 # steps.) The run evaluates the untrained model first
-# (the baseline, step 0 of the curve), then every 60 steps, and saves a checkpoint
+# (the baseline, step 0 of the curve), then every 80 steps, and saves a checkpoint
 # (`result.checkpoint`; `vitseg-lab eval segvit --ckpt PATH` evaluates it again). At
 # `VITSEG_SCALE=full` on a machine without a GPU, the weights or ADE20K, this cell lists every
 # missing piece instead, and the cells below keep using the untrained teaching model.
