@@ -1071,7 +1071,9 @@ def affinity_explorer(model: AFA, dataset, index: int = 0):
         viz.show_heatmap(img, shown, axes[1], title="affinity labels (1 same, 0 diff)",
                          cmap="coolwarm", vmin=0, vmax=1)
         for ax, (title, m) in zip(axes[2:], maps.items()):
-            viz.show_heatmap(img, m, ax, title=title, vmin=0, vmax=max(float(m.max()), 1e-6))
+            # each map stretched to its own range: the soft-maxed scores sit in a narrow band
+            lo, hi = float(m.min()), float(m.max())
+            viz.show_heatmap(img, m, ax, title=title, vmin=lo, vmax=max(hi, lo + 1e-6))
         y, x = (min(row.value, gh - 1) + 0.5) * img.shape[-2] / gh, \
             (min(col.value, gw - 1) + 0.5) * img.shape[-1] / gw
         for ax in axes[:2]:

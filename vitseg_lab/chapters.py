@@ -104,7 +104,7 @@ CHAPTERS: dict[str, Chapter] = {
                       "notebooks/03_segvit_atm.ipynb", "SegViTConfig",
                       "vitseg_lab.widgets:mask_explorer", ("ade20k",),
                       ("vitseg_lab.segvit", "vitseg_lab.losses"), browser=True),
-    "afa": Chapter(4, "afa", "AFA: affinity from attention", "vitseg_lab.afa", "notebooks/04_afa_affinity.ipynb", "AFAConfig", "vitseg_lab.afa:affinity_explorer", ("voc",), ("vitseg_lab.afa",), browser=False),
+    "afa": Chapter(4, "afa", "AFA: affinity from attention", "vitseg_lab.afa", "notebooks/04_afa_affinity.ipynb", "AFAConfig", "vitseg_lab.afa:affinity_explorer", ("voc",), ("vitseg_lab.afa",), browser=True),
     "restr": Chapter(5, "restr", "ReSTR: convolution-free referring segmentation", "vitseg_lab.restr", "notebooks/05_restr_referring.ipynb", "ReSTRConfig", "vitseg_lab.restr:expression_explorer", ("refcoco", "refcoco+", "refcocog"), ("vitseg_lab.restr",), browser=False),
     "zeroshot": Chapter(6, "zeroshot", "ZSI: zero-shot instance segmentation head", "vitseg_lab.zeroshot", "notebooks/06_zero_shot_head.ipynb", "ZSIConfig", "vitseg_lab.zeroshot:instance_explorer", ("coco-zsi",), ("vitseg_lab.zeroshot",), browser=False),
     # new chapters: one line each, in chapter order (see docs/CONTRIBUTING.md, "Adding a chapter")

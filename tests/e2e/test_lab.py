@@ -182,8 +182,59 @@ def drive_mask_explorer(nb, timings) -> None:
     timings[f"{nb.name}: explorer, 3 controls"] = round(time.monotonic() - t0, 1)
 
 
+# ======================================================================================= 04
+
+def drive_affinity_explorer(nb, timings) -> None:
+    t0 = time.monotonic()
+    area = nb.widget_area(nb.cell_with("afa.affinity_explorer("))
+    nb.figure(area)
+    snap = nb.snapshot(area, "explorer-0-initial")
+    probe = nb.append_cell(PROBE)
+    state = _state(nb, probe)
+    row, col = nb.control(area, "slider", "token row"), nb.control(area, "slider", "token col")
+    r0, c0 = int(nb.slider_value(row)), int(nb.slider_value(col))
+    w = state["grid"][1]
+    assert state["token"] == r0 * w + c0, (state, r0, c0)
+    cur = (snap, state)
+
+    # The token one column to the right: its affinity row and label window move with it.
+    cur = _step(nb, area, probe, cur, "explorer-1-token-col+1",
+                lambda: nb.press_slider(col, "ArrowRight"),
+                {"token": r0 * w + c0 + 1}, ("affinity_row", "aff_label_row"))
+    # One row up.
+    cur = _step(nb, area, probe, cur, "explorer-2-token-row-1",
+                lambda: nb.press_slider(row, "ArrowLeft"),
+                {"token": (r0 - 1) * w + c0 + 1}, ("affinity_row", "aff_label_row"))
+    # Another scene: new affinity, new CAM, PAR and random-walk maps.
+    scene = nb.control(area, "slider", "scene")
+    s0 = int(nb.slider_value(scene))
+    cur = _step(nb, area, probe, cur, "explorer-3-scene+1",
+                lambda: nb.press_slider(scene, "ArrowRight"), {"scene": s0 + 1},
+                ("affinity_row", "map_cam", "map_cam_par", "map_rw"))
+    # Another class of a scene that has two or more: the three maps follow the dropdown.
+    klass = nb.control(area, "dropdown", "class").locator("select")
+    for _ in range(8):
+        if klass.locator("option").count() >= 2:
+            break
+        s1 = cur[1]["scene"]
+        cur = _step(nb, area, probe, cur, f"explorer-3-scene-{s1 + 1}",
+                    lambda: nb.press_slider(scene, "ArrowRight"), {"scene": s1 + 1},
+                    ("map_cam",))
+    options = klass.locator("option").all_inner_texts()
+    assert len(options) >= 2, f"no scene with two classes among the first ones: {options}"
+    shown = klass.evaluate("s => s.options[s.selectedIndex].text")
+    other = next(o for o in options if o != shown)
+    k0 = cur[1]["class"]
+    cur = _step(nb, area, probe, cur, "explorer-4-class",
+                lambda: klass.select_option(label=other), {},
+                ("map_cam", "map_cam_par", "map_rw"))
+    assert cur[1]["class"] != k0, f"the class dropdown shows {other!r}, the kernel kept {k0}"
+    timings[f"{nb.name}: explorer, 4 controls"] = round(time.monotonic() - t0, 1)
+
+
 # How each browser chapter's explorer is driven, by the explorer's function name.
-DRIVES = {"attention_explorer": drive_attention_explorer, "mask_explorer": drive_mask_explorer}
+DRIVES = {"attention_explorer": drive_attention_explorer, "mask_explorer": drive_mask_explorer,
+          "affinity_explorer": drive_affinity_explorer}
 
 
 def test_every_browser_chapter_has_an_explorer_drive():
