@@ -106,8 +106,9 @@ class QueryUpsampler(nn.Module):
     - ``skip=True`` adds the projected 1/16 tokens to QU's output (a residual around QU), so the
       head sees each position's own content from step 1 while QU learns what the 1/32 tokens add.
 
-    With both the quick Shrunk run learns (the numbers are in the benchmark's results); with the
-    skip alone it learns more slowly, with neither it never starts.
+    With both the quick Shrunk run learns (0.878 mIoU in 240 steps, beside plain SegViT's 0.862:
+    ``benchmarks/results/bench_shrunk_quick.json``). In 120-step trials the skip alone reached
+    0.34 and code + skip 0.78; the code alone stayed at 0.088.
 
     Args:
         in_dim: C. dim: d. num_heads: nh. grid: (h, w) at 1/16 (e.g. 40 x 40 for 640 px).
