@@ -780,7 +780,9 @@ def loss_fn(model: nn.Module, batch: dict) -> dict[str, Tensor]:
     crop's ``valid`` box; the masks never reach training.
 
     L = L_cls + λ1 L_seg + λ2 L_aff, with L_seg and L_aff from step ``cam_iters`` on; the seg
-    target is the PAR-refined label until ``rw_after``, then the random-walk label.
+    target is the PAR-refined label until ``rw_after``, then the random-walk label (one step on
+    the affinity of the largest CAM scale's no-grad pass, or of the ``walk_scale`` view). With
+    one view and no mirror (quick scale) the CAM comes from this forward itself, detached.
     """
     from .train import unwrap
 
