@@ -477,9 +477,9 @@ print("untrained loss terms:", {k: round(float(v.detach()), 3) for k, v in terms
 #
 # **Our run** (64 held-out scenes, this notebook's seed; your numbers print below): CAM 0.813 →
 # CAM + PAR 0.909 (**+0.096**); random walk 0.843 (**+0.029** over the CAM); random walk + PAR
-# 0.896 (**−0.013** against CAM + PAR); seg head 0.601 (target ≥ 0.55). With another seed:
-# CAM 0.868 → 0.931 (+0.063) with PAR, walk 0.886 (+0.018), walk + PAR 0.910
-# (−0.021). So PAR and the walk each improve the CAM, but after PAR the walk adds nothing: both
+# 0.896 (**−0.013** against CAM + PAR); seg head 0.601 (target ≥ 0.55). With seeds 1 and 2:
+# CAM 0.868 / 0.871, PAR +0.063 / +0.091, walk +0.018 / +0.035, walk + PAR −0.021 / −0.012
+# against CAM + PAR, seg head 0.779 / 0.689. So PAR and the walk each improve the CAM, but after PAR the walk adds nothing: both
 # repair the same error. This CAM spills over object edges (3.5% of the pixels are background
 # called foreground, 0.2% the reverse, 0.2% the wrong class), and PAR, working on the image's colours at pixel resolution,
 # repairs that better than a walk on tokens. That is why the quick run never switches the seg
