@@ -15,35 +15,40 @@ from .backbone import weights_problem
 from .data.fetch import missing_message
 
 
-def gpu_line(slug: str, gpus: int = 1) -> str | None:
-    """The CUDA line, or None when a GPU is visible."""
+def gpu_line(slug: str, gpus: int = 1, scale: str = "full") -> str | None:
+    """The CUDA line, or None when a GPU is visible. ``scale``: the CLI's ``--scale`` (the
+    notebook is named only for ``full``, the one full scale a notebook runs)."""
     if torch.cuda.is_available():
         return None
     ch = chapters.get(slug)
     if gpus == 1:
-        cmd = f"`python -m vitseg_lab.cli train {slug} --scale full` on one GPU"
+        cmd = f"`python -m vitseg_lab.cli train {slug} --scale {scale}` on one GPU"
     else:
-        cmd = (f"`torchrun --nproc_per_node {gpus} -m vitseg_lab.cli train {slug} --scale full` "
+        cmd = (f"`torchrun --nproc_per_node {gpus} -m vitseg_lab.cli train {slug} --scale {scale}` "
                f"on {gpus} GPUs")
+    if scale != "full":
+        return f"a CUDA GPU (none found): on a GPU machine run {cmd}."
     return (f"a CUDA GPU (none found): on a GPU machine run `VITSEG_SCALE=full jupyter lab "
             f"{ch.notebook}`, or {cmd}.")
 
 
-def missing_pieces(slug: str, model_name: str | None = None, gpus: int = 1) -> list[str]:
+def missing_pieces(slug: str, model_name: str | None = None, gpus: int = 1,
+                   scale: str = "full") -> list[str]:
     """Every missing piece of chapter ``slug``'s full-scale run, one line each (empty: ready).
 
-    model_name: the timm weights the run loads (None: none needed).
+    model_name: the timm weights the run loads (None: none needed). scale: ``--scale``'s value.
     """
-    lines = [gpu_line(slug, gpus)]
+    lines = [gpu_line(slug, gpus, scale)]
     if model_name:
         lines.append(weights_problem(model_name))
     lines += [missing_message(name) for name in chapters.get(slug).datasets]
     return [line for line in lines if line]
 
 
-def check(slug: str, model_name: str | None = None, gpus: int = 1) -> str | None:
+def check(slug: str, model_name: str | None = None, gpus: int = 1,
+          scale: str = "full") -> str | None:
     """None when full scale can start, else a header and ``- piece`` lines (see the module doc)."""
-    lines = missing_pieces(slug, model_name, gpus)
+    lines = missing_pieces(slug, model_name, gpus, scale)
     if not lines:
         return None
     ch = chapters.get(slug)

@@ -673,16 +673,9 @@ def full_scale_check(cfg: SegViTConfig | None = None) -> str | None:
     """None, or every piece the full-scale run lacks (GPU, ViT-B/16 weights -- ViT-L/16 for
     ``full_large()`` --, ADE20K), one line each with the command that provides it."""
     cfg = cfg or SegViTConfig.full()
-    msg = fullscale.check(SLUG, cfg.model_name if cfg.pretrained else None, gpus=8)
-    if msg and cfg.model_name == FULL_LARGE_MODEL:
-        # fullscale's GPU line names `--scale full` and the notebook (both the ViT-B row); the
-        # ViT-L row is `--scale full-large`, which has no notebook scale.
-        full = fullscale.gpu_line(SLUG, gpus=8)
-        if full:
-            msg = msg.replace(full, "a CUDA GPU (none found): on a GPU machine run `torchrun "
-                              "--nproc_per_node 8 -m vitseg_lab.cli train segvit --scale "
-                              "full-large` on 8 GPUs (the ViT-L/16 640 row).")
-    return msg
+    # The ViT-L row is `--scale full-large`, which has no notebook scale.
+    scale = "full-large" if cfg.model_name == FULL_LARGE_MODEL else "full"
+    return fullscale.check(SLUG, cfg.model_name if cfg.pretrained else None, gpus=8, scale=scale)
 
 
 def per_process_batch(cfg: SegViTConfig, world_size: int | None = None) -> SegViTConfig:

@@ -406,6 +406,7 @@ def fit(
             out.mkdir(parents=True, exist_ok=True)
         history = History(csv_path=str(out / "metrics.csv") if out and rank == 0 else None)
         step, log_sums, log_n = 0, {}, 0
+        plotted = -math.inf  # when history.png was last written
         if ckpt_path and cfg.resume and ckpt_path.exists():
             ck = load_checkpoint(ckpt_path)
             missing = {"model", "optimizer", "scheduler", "step", "rng", "data", "log"} - set(ck)
@@ -492,8 +493,11 @@ def fit(
                         f"{k} {v:.4g}" for k, v in history.rows[-1].items() if k != "step"))
                 if on_eval is not None and rank == 0:
                     on_eval(history)
-                if out and rank == 0:
+                # history.png (~0.5 s to draw): at most every PLOT_EVERY_S seconds, and at the end
+                if out and rank == 0 and (step == cfg.steps
+                                          or time.perf_counter() - plotted >= PLOT_EVERY_S):
                     _save_plot(history, out / "history.png")
+                    plotted = time.perf_counter()
 
             if out and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
                 rngs = [_get_rng()]
@@ -718,6 +722,9 @@ def _set_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+PLOT_EVERY_S = 30.0  # fit() redraws history.png at an evaluation at most this often (and at the end)
 
 
 def _save_plot(history: History, path: Path) -> None:
