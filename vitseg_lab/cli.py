@@ -23,9 +23,9 @@ import types
 import typing
 from pathlib import Path
 
-from . import chapters
+from . import chapters, fastpath
 from .data import common, fetch
-from .train import CheckpointError, evaluate
+from .train import CheckpointError, evaluate, num_threads, process_group
 
 CHAPTERS = chapters.CHAPTERS  # slug -> Chapter: the registry is the one list of chapters
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -138,15 +138,25 @@ def _parse_tuple(tp, value):
     return tuple(out)
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+def eval_field(key: str) -> bool:
+    """Whether `eval` may change config field ``key`` (dotted): how a trained model is evaluated
+    (test-time scales and flip, sliding windows, CRF, batch, device, threads), never what the
+    checkpoint's model is."""
+    return (key.startswith(("test_", "eval_", "slide_"))
+            or key in {"crf", "num_threads", "train.batch_size", "train.device", "train.amp",
+                       "train.num_workers", "train.fast"})
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls, prefix: str = "",
+                      keep=lambda key: True) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            _add_config_flags(p, tp, prefix=f"{prefix}{f.name}.")
+            _add_config_flags(p, tp, prefix=f"{prefix}{f.name}.", keep=keep)
             continue
         conv = _field_type(tp)
-        if conv is not None:
+        if conv is not None and keep(f"{prefix}{f.name}"):
             p.add_argument(f"--{prefix}{f.name}", type=conv, default=None,
                            metavar=getattr(tp, "__name__", "V"))
 
@@ -209,16 +219,20 @@ def cmd_eval(args) -> int:
         model = mod.load(args.ckpt)
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
-    cfg = model.cfg
+    cfg = model.cfg = _apply(model.cfg, vars(args))  # the eval-time flags (eval_field)
     quick = getattr(cfg, "dataset", "shapes") == "shapes"
     if not quick and not hasattr(mod, "full_data"):
         raise SystemExit(f"chapter {args.chapter!r} has no full_data(cfg) to evaluate a "
                          "full-scale checkpoint with.")
     val = (mod.quick_data(cfg) if quick else mod.full_data(cfg))[1]
-    metrics = evaluate(model, val, cfg.train, mod.loss_fn, mod.metric_fn,
-                       getattr(val, "collate", None) or common.collate)
-    print({k: round(v, 4) if isinstance(v, float) else v
-           for k, v in metrics.items() if isinstance(v, (int, float))})
+    # On the training device; under torchrun each rank evaluates its shard (as in fit).
+    with num_threads(getattr(cfg, "num_threads", None)), process_group(cfg.train) as device:
+        model = fastpath.prepare(model, cfg.train, device)
+        metrics = evaluate(model, val, cfg.train, mod.loss_fn, mod.metric_fn,
+                           getattr(val, "collate", None) or common.collate, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print({k: round(v, 4) if isinstance(v, float) else v
+               for k, v in metrics.items() if isinstance(v, (int, float))})
     return 0
 
 
@@ -243,9 +257,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if chapter in CHAPTERS:
         _add_config_flags(p, _chapter(chapter)[1])
     p.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate a checkpoint written by train")
+    e = sub.add_parser("eval", help="evaluate a checkpoint written by train",
+                       epilog="Flags for how to evaluate, not what: test-time scales and flip "
+                              "(segvit: --test_ratios 0.5,0.75,1.0,1.25,1.5,1.75 --test_flip true; "
+                              "afa: --eval_scales, --eval_flip, --crf), sliding windows, "
+                              "--train.batch_size, --train.device, --num_threads.")
     e.add_argument("chapter", choices=list(CHAPTERS))
     e.add_argument("--ckpt", required=True, help="a last.pt written by `vitseg-lab train`")
+    if chapter in CHAPTERS:
+        _add_config_flags(e, _chapter(chapter)[1], keep=eval_field)
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="run a script from benchmarks/")
     b.add_argument("name")

@@ -49,6 +49,27 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
     assert metrics["mIoU"] == pytest.approx(ck["log"]["final"]["mIoU"], abs=1e-4)
 
 
+def test_eval_takes_how_to_evaluate_flags_only(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli.main(["train", "segvit", "--scale", "smoke", "--train.out_dir", str(out)]) == 0
+    seg = chapters.get("segvit").load_module()
+    seen = []
+    real = seg.metric_fn
+    monkeypatch.setattr(seg, "metric_fn",
+                        lambda m, loader: (seen.append(m.cfg), real(m, loader))[1])
+    capsys.readouterr()
+    assert cli.main(["eval", "segvit", "--ckpt", str(out / "last.pt"), "--test_ratios", "0.5,1",
+                     "--test_flip", "true", "--train.batch_size", "3"]) == 0
+    cfg = seen[0]
+    assert (cfg.test_ratios, cfg.test_flip, cfg.train.batch_size) == ((0.5, 1.0), True, 3)
+    assert "mIoU" in capsys.readouterr().out
+    for flag in ("--train.lr", "--embed_dim", "--train.steps"):  # what the model is: refused
+        with pytest.raises(SystemExit):
+            cli.main(["eval", "segvit", "--ckpt", str(out / "last.pt"), flag, "1"])
+    assert cli.eval_field("test_flip") and cli.eval_field("train.device")
+    assert not cli.eval_field("train.eval_every") and not cli.eval_field("embed_dim")
+
+
 def test_eval_names_a_missing_or_foreign_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         cli.main(["eval", "segvit", "--ckpt", str(tmp_path / "nope.pt")])
