@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import math
 import os
 import random
@@ -302,6 +303,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_GROUPS_MADE = itertools.count()  # process groups process_group made in this process
+
+
 def _processes(cfg: TrainConfig) -> tuple[bool, int, int, torch.device]:
     """(under torchrun?, rank, world size, this process's device) from the environment."""
     env = os.environ
@@ -317,15 +321,22 @@ def process_group(cfg: TrainConfig):
 
     ``run_chapter`` holds one around the baseline evaluation and ``fit``, so the untrained model
     is evaluated on the GPU, each rank over its shard, like every later evaluation."""
-    ddp, _, _, device = _processes(cfg)
+    ddp, rank, world, device = _processes(cfg)
     created = False
     if ddp and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # Long timeout: a slow evaluation (COCO AP over a gathered split) or a checkpoint
         # write keeps the other ranks waiting at the next collective.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=60))
+        timeout = timedelta(minutes=60)
+        store = next(dist.rendezvous("env://", rank, world, timeout=timeout))[0]
+        store.set_timeout(timeout)
+        # A fresh key prefix per group: torchrun's store outlives a destroyed group, and a second
+        # group under torch's default prefix (two fit() calls in one process) can read the first
+        # group's stale addresses and hang at its rendezvous. Every rank counts alike.
+        store = dist.PrefixStore(f"vitseg_pg{next(_GROUPS_MADE)}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                rank=rank, world_size=world, timeout=timeout)
         created = True
     try:
         yield device

@@ -118,10 +118,12 @@ if __name__ == "__main__":  # torchrun --nproc_per_node 2 _ddp_toy.py OUT
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     # run_chapter with no process group yet: it makes one for the baseline and fit, then ends it.
-    res = run_chapter("toy", ToyChapterConfig(), lambda cfg, k: toy_model(seed=rank), toy_loss,
-                      counting_metric, (ToyData(40), toy_val()), CLASSES)
+    # Twice: the second group is made after the first is destroyed, on the same torchrun store.
+    res, again = (run_chapter("toy", ToyChapterConfig(), lambda cfg, k: toy_model(seed=rank),
+                              toy_loss, counting_metric, (ToyData(40), toy_val()), CLASSES)
+                  for _ in range(2))
     chapter = {"baseline": res.baseline, "final": res.metrics, "counts": LOCAL_COUNTS,
-               "group_left": dist.is_initialized()}
+               "again": [again.baseline, again.metrics], "group_left": dist.is_initialized()}
     dist.init_process_group("gloo")  # here, so evaluate() below still has the group after fit
     # Different weights on purpose: DDP must broadcast rank 0's.
     model = toy_model(seed=rank, unused=True)

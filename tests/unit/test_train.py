@@ -442,6 +442,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert c0["counts"][0] + c1["counts"][0] == 15 and c0["counts"][0] in (7, 8)
     assert c0["baseline"] == c1["baseline"] and c0["baseline"]["n"] == 15
     assert c0["final"] == c1["final"] and not c0["group_left"] and not c1["group_left"]
+    assert c0["again"] == [c0["baseline"], c0["final"]], "a second run_chapter, a second group"
 
 
 def test_history_plot_is_a_figure_pyplot_shows_and_fit_adds_none(tmp_path):
