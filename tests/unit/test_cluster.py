@@ -160,7 +160,7 @@ def _ckpt_step(out: Path) -> int:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the task's PID in /proc")
 def test_preempted_killed_and_resubmitted_run_ends_with_the_uninterrupted_weights(tmp_path):
     run = cluster.launch("segvit", "smoke", overrides=SMOKE, out_dir=str(tmp_path / "cut"),
-                         cluster="local", timeout_min=20, throttle_s=1.0)
+                         cluster="local", timeout_min=20, throttle_s=2.0)
     assert run.executor.cluster == "local" and run.total_steps == 12
     out = run.out_dir
 
